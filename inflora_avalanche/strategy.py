@@ -1,0 +1,232 @@
+"""``InfLoRAStrategy``: InfLoRA as an Avalanche ``SupervisedTemplate``."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, ContextManager, Optional, Sequence, Union
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from .model import UNSEEN_CLASS_LOGIT, BlockSelection, InfLoRAViT
+from .plugins import SubspaceUpdatePlugin, unwrap_model
+from .subspace import MEMORY_ALGORITHMS, validate_thresholds
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def reference_cosine_factor(epoch: int, num_epochs: int) -> float:
+    """The reference's per-epoch factor ``cos(99 pi e / (200 (E - 1)))``: from 1 down to cos(0.495 pi) ~ 0.016."""
+    if num_epochs <= 1:
+        return 1.0
+    return math.cos(99.0 * math.pi * epoch / (200.0 * (num_epochs - 1)))
+
+
+def infer_num_classes(experience: Any) -> Optional[int]:
+    """``1 + the largest label`` of the stream ``experience`` belongs to, from Avalanche's class timeline."""
+    labels: set[int] = set()
+    for attr in ("classes_in_this_experience", "previous_classes", "classes_seen_so_far", "future_classes"):
+        try:
+            labels |= {int(c) for c in getattr(experience, attr)}
+        except Exception:  # attribute missing or masked in this experience type
+            continue
+    try:
+        labels |= {int(c) for c in experience.origin_stream.benchmark.classes_order}
+    except Exception:
+        pass
+    return max(labels) + 1 if labels else None
+
+
+class InfLoRAStrategy(SupervisedTemplate):
+    """InfLoRA: per task, train low-rank key/value branches whose inputs avoid the old tasks' subspace.
+
+    Only the current task's up-projections and head are trained, on the current task's logits. Evaluation uses
+    every seen head. A :class:`SubspaceUpdatePlugin` (designs branches, updates the memory, merges) is added unless
+    one is passed in ``plugins``.
+
+    Args:
+        model: an :class:`InfLoRAViT`.
+        lr: learning rate of the up-projections (and of the head unless ``head_lr`` is set).
+        optimizer: ``"adam"`` (reference default, betas ``betas``) or ``"sgd"`` (``momentum``).
+        lr_schedule: ``"cosine"`` (the reference's per-epoch cosine), ``"step"`` (x ``gamma`` at each of
+            ``milestones`` epochs) or ``"constant"``.
+        rank, adapted_blocks: override the model's settings (only before its first task).
+        lamb, lame, memory, num_tasks: the subspace memory settings of the default plugin.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
+        Other keyword arguments are those of ``SupervisedTemplate``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: InfLoRAViT,
+        lr: float = 5e-4,
+        optimizer: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        head_lr: Optional[float] = None,
+        lr_schedule: str = "cosine",
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        rank: Optional[int] = None,
+        adapted_blocks: BlockSelection = None,
+        lamb: float = 0.95,
+        lame: float = 1.0,
+        memory: str = "dualgpm",
+        num_tasks: Optional[int] = None,
+        precision: str = "auto",
+        criterion: nn.Module = nn.CrossEntropyLoss(),
+        train_mb_size: int = 128,
+        train_epochs: int = 20,
+        eval_mb_size: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+        plugins: Optional[Sequence[BasePlugin]] = None,
+        evaluator: Any = default_evaluator,
+        eval_every: int = -1,
+        **kwargs: Any,
+    ) -> None:
+        inner = unwrap_model(model)
+        if not lr > 0 or (head_lr is not None and not head_lr > 0):
+            raise ValueError(f"learning rates must be positive, got lr={lr}, head_lr={head_lr}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if memory not in MEMORY_ALGORITHMS:
+            raise ValueError(f"memory must be one of {MEMORY_ALGORITHMS}, got {memory!r}")
+        validate_thresholds(lamb, lame)
+        if train_mb_size < 1 or train_epochs < 1:
+            raise ValueError(f"train_mb_size and train_epochs must be >= 1, got {train_mb_size}, {train_epochs}")
+        if rank is not None or adapted_blocks is not None:
+            inner.configure(rank=rank, adapted_blocks=adapted_blocks)
+
+        plugins = list(plugins or [])
+        self.subspace_plugin = next((p for p in plugins if isinstance(p, SubspaceUpdatePlugin)), None)
+        if self.subspace_plugin is None:
+            self.subspace_plugin = SubspaceUpdatePlugin(lamb=lamb, lame=lame, memory=memory, num_tasks=num_tasks)
+            plugins.insert(0, self.subspace_plugin)
+
+        self.lr = lr
+        self.head_lr = head_lr if head_lr is not None else lr
+        self.optimizer_name = optimizer
+        self.betas = tuple(betas)
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = gamma
+        self.precision = precision
+        self.lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        self._local_targets: Optional[torch.Tensor] = None
+        self._current_columns: Optional[torch.Tensor] = None
+        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)  # replaced in make_optimizer
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            criterion=criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size if eval_mb_size is not None else train_mb_size,
+            device=device,
+            plugins=plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+            **kwargs,
+        )
+
+    # ----------------------------------------------------------------------------------------------- precision
+    @property
+    def use_bf16(self) -> bool:
+        device_type = torch.device(self.device).type
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
+    def autocast(self) -> ContextManager:
+        """The autocast context of forwards (bf16 by default on CUDA)."""
+        if not self.use_bf16:
+            return nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
+
+    # ----------------------------------------------------------------------------------------------- adaptation
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        if len(self.experience.dataset) == 0:
+            raise ValueError(
+                f"experience {self.experience.current_experience} has no training samples; remove it from the stream"
+            )
+        super()._before_training_exp(**kwargs)
+
+    def model_adaptation(self, model: Optional[nn.Module] = None) -> nn.Module:
+        model = self.model if model is None else model
+        inner = unwrap_model(model)
+        if self.is_training:
+            classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
+            if inner.num_classes is None:
+                inner.num_classes = infer_num_classes(self.experience)
+            inner.start_task(classes)
+            width = inner.output_width
+            local = torch.full((width,), -100, dtype=torch.long)
+            local[torch.tensor(classes)] = torch.arange(len(classes))
+            self._local_targets = local.to(self.device)
+            self._current_columns = torch.tensor(classes, dtype=torch.long, device=self.device)
+        return model.to(self.device)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        inner = unwrap_model(self.model)
+        self.optimized_param_id = {}  # the optimiser is rebuilt per task; Avalanche's bookkeeping is not used
+        if not inner.task_open:
+            return
+        ups = [adapter.up for _, adapter in inner.adapters()]
+        head = list(inner.heads[-1].parameters())
+        groups = [{"params": ups, "lr": self.lr}, {"params": head, "lr": self.head_lr}]
+        fused = True if torch.device(self.device).type == "cuda" else None
+        if self.optimizer_name == "adam":
+            self.optimizer = torch.optim.Adam(groups, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
+        else:
+            self.optimizer = torch.optim.SGD(
+                groups, momentum=self.momentum, weight_decay=self.weight_decay, fused=fused
+            )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, epoch: int) -> float:
+        if self.lr_schedule == "cosine":
+            return reference_cosine_factor(epoch, self.train_epochs)
+        if self.lr_schedule == "step":
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        return 1.0
+
+    def _after_training_epoch(self, **kwargs: Any) -> None:
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        super()._after_training_epoch(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------- step
+    def forward(self) -> torch.Tensor:
+        with self.autocast():
+            out = self.model(self.mb_x)
+        if not self.is_training and unwrap_model(self.model).num_classes is None:
+            # The model does not know the stream's label range: widen with unseen-class logits.
+            missing = int(self.mb_y.max()) + 1 - out.shape[1]
+            if missing > 0:
+                out = torch.cat([out, out.new_full((out.shape[0], missing), UNSEEN_CLASS_LOGIT)], dim=1)
+        return out
+
+    def criterion(self) -> torch.Tensor:
+        if self.is_training and self._current_columns is not None:
+            logits = self.mb_output[:, self._current_columns]
+            return self._criterion(logits, self._local_targets[self.mb_y])
+        return self._criterion(self.mb_output, self.mb_y)
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        super()._after_training_exp(**kwargs)
+        self._current_columns = None
+        self._local_targets = None
+        self.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=self.lr)  # frees Adam's state
+        self.lr_scheduler = None
