@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, ContextManager, Dict, Iterable, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -43,11 +43,13 @@ def collect_input_covariances(
     batches: Iterable[Any],
     device: torch.device,
     autocast: Optional[ContextManager] = None,
+    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
     """One no-grad pass of ``model`` over ``batches``; the uncentred covariance of every adapted ``qkv``'s input.
 
     Each batch is an Avalanche minibatch (inputs first) or a tensor. Covariances are summed in float32 on ``device``
-    outside autocast and returned in float64.
+    outside autocast and returned in float64. ``prepare`` maps the inputs on the device before the forward (e.g. the
+    strategy's batched augmentation).
     """
     accumulators = {name: CovarianceAccumulator(adapter.in_features) for name, adapter in model.adapters()}
 
@@ -64,8 +66,11 @@ def collect_input_covariances(
     try:
         for batch in batches:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            x = x.to(device, non_blocking=True)
+            if prepare is not None:
+                x = prepare(x)
             with autocast if autocast is not None else nullcontext():
-                model.forward_features(x.to(device, non_blocking=True))
+                model.forward_features(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -115,8 +120,11 @@ class SubspaceUpdatePlugin(SupervisedPlugin):
                 )
         covariances = self._covariances(strategy, model)
         for name, adapter in model.adapters():
-            down = design_down_projection(covariances[name], adapter.rank, self.memories.get(name))
-            adapter.set_down(down)
+            adapter.set_down(self.design_down(name, covariances[name], adapter.rank))
+
+    def design_down(self, name: str, covariance: torch.Tensor, rank: int) -> torch.Tensor:
+        """The new branch's ``down`` for layer ``name`` (override for ablations, e.g. a random subspace)."""
+        return design_down_projection(covariance, rank, self.memories.get(name))
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = unwrap_model(strategy.model)
@@ -134,7 +142,10 @@ class SubspaceUpdatePlugin(SupervisedPlugin):
 
     def _covariances(self, strategy: Any, model: InfLoRAViT) -> Dict[str, torch.Tensor]:
         autocast = strategy.autocast() if hasattr(strategy, "autocast") else None
-        return collect_input_covariances(model, strategy.dataloader, torch.device(strategy.device), autocast)
+        prepare = getattr(strategy, "prepare_input", None)
+        return collect_input_covariances(
+            model, strategy.dataloader, torch.device(strategy.device), autocast, prepare=prepare
+        )
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, ContextManager, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from avalanche.core import BasePlugin
@@ -59,6 +59,8 @@ class InfLoRAStrategy(SupervisedTemplate):
         rank, adapted_blocks: override the model's settings (only before its first task).
         lamb, lame, memory, num_tasks: the subspace memory settings of the default plugin.
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
+        input_transform: ``f(x, training) -> x`` applied to each minibatch on the device before the model (batched
+            augmentation on the accelerator); the covariance passes use it with ``training=True``.
         Other keyword arguments are those of ``SupervisedTemplate``.
     """
 
@@ -82,6 +84,7 @@ class InfLoRAStrategy(SupervisedTemplate):
         memory: str = "dualgpm",
         num_tasks: Optional[int] = None,
         precision: str = "auto",
+        input_transform: Optional[Callable[[torch.Tensor, bool], torch.Tensor]] = None,
         criterion: nn.Module = nn.CrossEntropyLoss(),
         train_mb_size: int = 128,
         train_epochs: int = 20,
@@ -125,6 +128,7 @@ class InfLoRAStrategy(SupervisedTemplate):
         self.milestones = sorted(int(m) for m in milestones)
         self.gamma = gamma
         self.precision = precision
+        self.input_transform = input_transform
         self.lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self._local_targets: Optional[torch.Tensor] = None
         self._current_columns: Optional[torch.Tensor] = None
@@ -208,9 +212,13 @@ class InfLoRAStrategy(SupervisedTemplate):
         super()._after_training_epoch(**kwargs)
 
     # ----------------------------------------------------------------------------------------------- step
+    def prepare_input(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """The minibatch as the model sees it (after ``input_transform``, if any)."""
+        return x if self.input_transform is None else self.input_transform(x, training)
+
     def forward(self) -> torch.Tensor:
         with self.autocast():
-            out = self.model(self.mb_x)
+            out = self.model(self.prepare_input(self.mb_x, self.is_training))
         if not self.is_training and unwrap_model(self.model).num_classes is None:
             # The model does not know the stream's label range: widen with unseen-class logits.
             missing = int(self.mb_y.max()) + 1 - out.shape[1]
