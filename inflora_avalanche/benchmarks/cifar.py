@@ -1,0 +1,53 @@
+"""Split CIFAR-100 on Avalanche's ``SplitCIFAR100``, with the reference's 224-pixel transforms and class order 0..99."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .common import DataUnavailableError, StreamInfo, check_class_order, check_experiences, image_transforms
+from .folder import PathLike
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+def cifar100_help(root: PathLike, reason: str) -> str:
+    return (
+        f"CIFAR-100 is not in {root} and {reason}: download {CIFAR100_URL}, extract it so that "
+        f"{Path(root) / 'cifar-100-python'}/train exists, and pass --data-root {root}"
+    )
+
+
+def split_cifar100(
+    root: PathLike,
+    n_experiences: int = 10,
+    class_order: Optional[Sequence[int]] = None,
+    resolution: int = 224,
+    normalize: bool = False,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    download: bool = True,
+):
+    """Split CIFAR-100: ``(benchmark, StreamInfo)``. Needs ``root/cifar-100-python/`` or (``download``) the network."""
+    from avalanche.benchmarks.classic import SplitCIFAR100
+
+    root = Path(root)
+    check_experiences(n_experiences, 100)
+    order = check_class_order(class_order, 100)
+    if not (root / "cifar-100-python").is_dir() and not download:
+        raise DataUnavailableError(cifar100_help(root, "downloading is switched off"))
+    kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    train_tf, test_tf = image_transforms(resolution, normalize, test_resize="resize", **kwargs)
+    try:
+        bench = SplitCIFAR100(
+            n_experiences, fixed_class_order=order, train_transform=train_tf, eval_transform=test_tf,
+            dataset_root=root, return_task_id=False,
+        )
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        # torchvision downloads when the folder is absent or fails its checksum; offline that is a URLError.
+        reason = str(getattr(err, "reason", err)).splitlines()[0][:120]
+        raise DataUnavailableError(cifar100_help(root, f"could not be downloaded ({reason})")) from None
+    info = StreamInfo("split_cifar100", 100, n_experiences, order, train_size=50000, test_size=10000,
+                      extra={"root": str(root)})
+    return bench, info
