@@ -1,0 +1,239 @@
+"""Export to a plain timm checkpoint: predictions equal the strategy's, nothing of this package needed to load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from inflora_avalanche import InfLoRAViT
+from inflora_avalanche.export import export_timm_checkpoint, load_exported, merged_qkv_weight
+
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+LABELS = [0, 1, 2, 3, 5, 7]  # labels 4 and 6 never occur: the export must keep label-indexed columns right
+CLASS_ORDER = [5, 1, 7, 0, 3, 2]
+
+
+class _Images(torch.utils.data.Dataset):
+    """Class-dependent noise images: learnable, deterministic."""
+
+    def __init__(self, per_class: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        protos = torch.randn(max(LABELS) + 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        self.targets = [c for c in LABELS for _ in range(per_class)]
+        self.data = torch.stack([protos[c] + 0.5 * torch.randn(3, 32, 32, generator=gen) for c in self.targets])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.data[i], self.targets[i]
+
+
+def _benchmark():
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+
+    return class_incremental_benchmark(
+        {"train": as_classification_dataset(_Images(8, 1)), "test": as_classification_dataset(_Images(4, 2))},
+        class_order=CLASS_ORDER,
+        num_experiences=3,
+    )
+
+
+class _Capture:
+    """Records the inputs and outputs of the strategy's evaluation forwards."""
+
+    def __init__(self) -> None:
+        self.x: list[torch.Tensor] = []
+        self.out: list[torch.Tensor] = []
+
+    def after_eval_forward(self, strategy, **kwargs) -> None:
+        self.x.append(strategy.mb_x.detach().cpu())
+        self.out.append(strategy.mb_output.detach().cpu())
+
+
+def _strategy(model, plugins=()):
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from inflora_avalanche import InfLoRAStrategy
+
+    torch.manual_seed(0)
+    return InfLoRAStrategy(
+        model=model, lr=1e-2, train_mb_size=16, train_epochs=1, device="cpu", precision="fp32",
+        plugins=list(plugins), evaluator=EvaluationPlugin(loggers=[]),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained on 3 experiences; an export after experience 0 and after the last one."""
+    from avalanche.core import SupervisedPlugin
+
+    class Capture(_Capture, SupervisedPlugin):
+        pass
+
+    torch.manual_seed(0)
+    model = InfLoRAViT("vit_tiny_patch16_224", rank=4, **TINY)
+    capture = Capture()
+    strategy = _strategy(model, [capture])
+    bench = _benchmark()
+    out = tmp_path_factory.mktemp("export")
+    results = {}
+    for i, exp in enumerate(bench.train_stream):
+        strategy.train(exp)
+        if i in (0, 2):
+            capture.x.clear()
+            capture.out.clear()
+            strategy.eval(bench.test_stream)
+            path = out / f"after{i}.safetensors"
+            export_timm_checkpoint(model, path, timm_kwargs=TINY, class_names={c: f"class-{c}" for c in LABELS})
+            results[i] = (path, torch.cat(capture.x), torch.cat(capture.out))
+    return model, strategy, results
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_exported_predictions_equal_strategy_predictions(trained, after):
+    _, _, results = trained
+    path, x, strategy_out = results[after]
+    net, meta = load_exported(path)
+    assert type(net).__module__.startswith("timm.")
+    with torch.no_grad():
+        logits = net(x)
+    assert logits.shape == strategy_out.shape == (len(x), max(LABELS) + 1)
+    assert torch.equal(logits.argmax(1), strategy_out.argmax(1))
+    torch.testing.assert_close(logits, strategy_out, rtol=1e-5, atol=1e-4)
+    assert meta["column_labels"] == list(range(max(LABELS) + 1))
+    learned = CLASS_ORDER[: 2 * (after + 1)]
+    assert meta["class_order"] == [c for pair in zip(learned[::2], learned[1::2]) for c in sorted(pair)]
+    assert meta["class_names"][5] == "class-5" and meta["class_names"][4] is None
+    # Predictions never fall on labels that were not learned yet.
+    assert set(logits.argmax(1).tolist()) <= set(learned)
+
+
+def test_export_in_seen_columns_maps_through_column_labels(trained, tmp_path):
+    model, _, results = trained
+    _, x, strategy_out = results[2]
+    path = tmp_path / "seen.safetensors"
+    meta = export_timm_checkpoint(model, path, timm_kwargs=TINY, columns="seen")
+    net, _ = load_exported(path)
+    with torch.no_grad():
+        cols = net(x).argmax(1)
+    assert meta["num_classes"] == len(LABELS)
+    assert torch.equal(torch.tensor(meta["column_labels"])[cols], strategy_out.argmax(1))
+
+
+def test_exported_state_dict_has_plain_timm_keys_and_merged_qkv(trained):
+    import timm
+    from safetensors.torch import load_file
+
+    model, _, results = trained
+    state = load_file(str(results[2][0]))
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=8, **TINY).state_dict()
+    assert set(state) == set(plain)
+    for name, adapter in model.adapters():
+        assert adapter.merged
+        assert torch.equal(state[f"{name}.weight"], adapter.qkv.weight)
+        # The branches changed keys and values only: the query rows are the pretrained ones.
+        original = adapter.qkv.weight[: adapter.attn_dim]
+        assert torch.equal(state[f"{name}.weight"][: adapter.attn_dim], original)
+
+
+def test_export_of_unmerged_or_open_model_does_not_touch_it(tmp_path):
+    torch.manual_seed(0)
+    model = InfLoRAViT("vit_tiny_patch16_224", rank=4, **TINY).eval()
+    for classes in ([0, 1], [2]):
+        model.start_task(classes)
+        for _, adapter in model.adapters():
+            adapter.set_down(torch.randn(4, 32) / 3)
+            adapter.up.data.normal_()
+        if classes == [0, 1]:
+            model.finish_task()
+    model.unmerge()  # finished branch unmerged, second branch open
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    export_timm_checkpoint(model, tmp_path / "m.safetensors", timm_kwargs=TINY)
+    after = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not a.merged for _, a in model.adapters())
+    assert model.task_open
+    net, meta = load_exported(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-4)
+    assert meta["inflora"]["task_open"] is True
+
+
+def test_merged_qkv_weight_equals_in_place_merge():
+    torch.manual_seed(0)
+    model = InfLoRAViT("vit_tiny_patch16_224", rank=4, **TINY)
+    model.start_task([0])
+    for _, adapter in model.adapters():
+        adapter.set_down(torch.randn(4, 32))
+        adapter.up.data.normal_()
+    model.finish_task()
+    model.unmerge()
+    exported = {name: merged_qkv_weight(a) for name, a in model.adapters()}
+    model.merge()
+    for name, adapter in model.adapters():
+        assert torch.equal(exported[name], adapter.qkv.weight)
+
+
+def test_refuses_to_overwrite_and_leaves_no_temporary_files(trained, tmp_path):
+    model, _, _ = trained
+    path = tmp_path / "m.safetensors"
+    export_timm_checkpoint(model, path, timm_kwargs=TINY)
+    first = path.read_bytes()
+    with pytest.raises(ValueError, match="already exists"):
+        export_timm_checkpoint(model, path, timm_kwargs=TINY)
+    (tmp_path / "other.json").write_text("user file")
+    with pytest.raises(ValueError, match="already exists"):
+        export_timm_checkpoint(model, tmp_path / "other.safetensors", timm_kwargs=TINY)
+    assert (tmp_path / "other.json").read_text() == "user file"
+    assert not (tmp_path / "other.safetensors").exists()
+    export_timm_checkpoint(model, path, timm_kwargs=TINY, overwrite=True)
+    assert path.read_bytes() == first
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.safetensors", "other.json"]
+
+
+def test_clear_errors(trained, tmp_path):
+    model, _, _ = trained
+    with pytest.raises(ValueError, match="timm_kwargs"):
+        export_timm_checkpoint(model, tmp_path / "a.safetensors")  # built with img_size=32 etc.: must be given
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        export_timm_checkpoint(model, tmp_path / "a.pt", timm_kwargs=TINY)
+    with pytest.raises(ValueError, match="class_names"):
+        export_timm_checkpoint(model, tmp_path / "a.safetensors", timm_kwargs=TINY, class_names=["x", "y"])
+    with pytest.raises(ValueError, match="no task"):
+        export_timm_checkpoint(InfLoRAViT("vit_tiny_patch16_224", rank=4, **TINY), tmp_path / "a.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not os.environ.get("INFLORA_TEST_WEIGHTS"), reason="set INFLORA_TEST_WEIGHTS to the DINOv2-S file")
+def test_dinov2_export_loads_with_timm_alone(tmp_path):
+    # The checkpoint's position embedding is for 518 px; dynamic_img_size resamples it for 56 px inputs.
+    kwargs = dict(dynamic_img_size=True)
+    model = InfLoRAViT(
+        "vit_small_patch14_dinov2", rank=4, checkpoint_path=os.environ["INFLORA_TEST_WEIGHTS"], **kwargs
+    ).eval()
+    torch.manual_seed(0)
+    for classes in ([3, 9], [1]):
+        model.start_task(classes)
+        for _, adapter in model.adapters():
+            adapter.set_down(torch.randn(4, adapter.in_features) / 20)
+            adapter.up.data.normal_(std=0.05)
+        model.finish_task()
+    x = torch.randn(4, 3, 56, 56)
+    with torch.no_grad():
+        expected = model(x)
+    meta = export_timm_checkpoint(model, tmp_path / "dino.safetensors", timm_kwargs=kwargs)
+    assert json.loads(Path(tmp_path / "dino.json").read_text()) == meta
+    net, _ = load_exported(tmp_path / "dino.safetensors")
+    with torch.no_grad():
+        got = net(x)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
