@@ -113,11 +113,12 @@ def _check_loads(architecture: str, num_classes: int, kwargs: dict, state: dict)
             f"timm has no model named {architecture!r}; pass architecture= the timm name the backbone was built from"
         )
     try:
-        net = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
+        with torch.device("meta"):  # shapes and names only: no memory, no weight initialisation
+            net = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as err:
         raise ValueError(f"timm.create_model({architecture!r}, **{kwargs}) failed ({err}); fix timm_kwargs") from None
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(

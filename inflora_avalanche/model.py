@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -48,7 +49,17 @@ def create_backbone(
         model = timm.create_model(name, pretrained=False, **kwargs)
         state = {k: v.float() if v.is_floating_point() else v for k, v in _load_state_file(path).items()}
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        # timm's own filter adapts checkpoints to the model (e.g. resamples position embeddings to img_size).
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err)[:200])
+            raise ValueError(
+                f"checkpoint {path} does not fit timm model {name!r} ({detail}); check the backbone name matches the weights"
+            ) from None
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {path} does not fit timm model {name!r}: {len(missing)} missing keys "

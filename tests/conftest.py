@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny timm ViTs (random weights) and class-separable synthetic image datasets."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import pytest
+import timm
+import torch
+from torch.utils.data import Dataset
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+
+def tiny_vit(depth: int = 2, embed_dim: int = 32, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-block, width-32 timm ViT with random weights (built offline)."""
+    torch.manual_seed(seed)
+    kwargs = {**TINY_VIT, "depth": depth, "embed_dim": embed_dim, **overrides}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+
+
+class SyntheticImages(Dataset):
+    """Images of class ``c`` = a fixed random prototype for ``c`` plus Gaussian noise; torchvision-style."""
+
+    def __init__(self, classes: Sequence[int], per_class: int, seed: int, noise: float = 0.5, size: int = 32) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        proto_gen = torch.Generator().manual_seed(1234)
+        num = max(classes) + 1
+        protos = torch.randn(num, 3, size, size, generator=proto_gen)
+        self.targets = [int(c) for c in classes for _ in range(per_class)]
+        labels = torch.tensor(self.targets)
+        self.x = protos[labels] + noise * torch.randn(len(labels), 3, size, size, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.targets[i]
+
+
+@pytest.fixture
+def shared_weights() -> str:
+    path = os.environ.get("INFLORA_TEST_WEIGHTS")
+    if not path or not os.path.isfile(path):
+        pytest.skip("INFLORA_TEST_WEIGHTS is not set to the shared ViT-S/14 weights file (.ci/run sets it)")
+    return path

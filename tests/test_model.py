@@ -1,0 +1,180 @@
+"""The adapted ViT: branch shapes, merge equivalence, state round trip, backbones and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import tiny_vit
+from inflora_avalanche import InfLoRAQKV, InfLoRAViT
+
+
+def finish_random_task(model: InfLoRAViT, classes: list[int], seed: int) -> None:
+    """Open a task, give its branches random designed/trained values, and finish (merge) it."""
+    gen = torch.Generator().manual_seed(seed)
+    model.start_task(classes)
+    for _, adapter in model.adapters():
+        down, _ = torch.linalg.qr(torch.randn(adapter.in_features, model.rank, generator=gen))
+        adapter.set_down(down.T / 3**0.5)
+        with torch.no_grad():
+            adapter.up.copy_(0.5 * torch.randn(adapter.up.shape, generator=gen))
+    model.finish_task()
+
+
+def test_branches_only_on_keys_and_values():
+    model = InfLoRAViT(tiny_vit(), rank=3)
+    x = torch.randn(2, 3, 32, 32)
+    finish_random_task(model, [0, 1], seed=0)
+    adapter = model.backbone.blocks[0].attn.qkv
+    tokens = torch.randn(2, 5, 32)
+    base = nn.functional.linear(tokens, adapter.qkv.weight, adapter.qkv.bias)
+    adapter.unmerge()
+    plain = nn.functional.linear(tokens, adapter.qkv.weight, adapter.qkv.bias)
+    adapter.merge()
+    torch.testing.assert_close(base[..., :32], plain[..., :32], rtol=0, atol=0)  # queries untouched
+    assert (base[..., 32:] - plain[..., 32:]).abs().max() > 1e-3  # keys and values changed
+    assert model(x).shape == (2, 2)
+
+
+def test_merged_equals_unmerged():
+    model = InfLoRAViT(tiny_vit(depth=3), rank=4).eval()
+    for t in range(4):
+        finish_random_task(model, [2 * t, 2 * t + 1], seed=t)
+    model.start_task([8, 9])  # an open (current) branch too
+    for _, adapter in model.adapters():
+        adapter.set_down(torch.randn(adapter.down.shape) / 10)
+        with torch.no_grad():
+            adapter.up.normal_()
+    x = torch.randn(4, 3, 32, 32)
+    merged = model(x)
+    features_merged = model.forward_features(x)
+    model.unmerge()
+    assert all(not a.merged for _, a in model.adapters())
+    unmerged = model(x)
+    features_unmerged = model.forward_features(x)
+    rel = (features_merged - features_unmerged).norm() / features_unmerged.norm()
+    assert rel <= 1e-5, f"relative error {rel:.2e}"
+    assert ((merged - unmerged).norm() / unmerged.norm()) <= 1e-5
+    model.merge()
+    torch.testing.assert_close(model(x), merged, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_branch_state_is_frozen_and_freed():
+    model = InfLoRAViT(tiny_vit(), rank=2)
+    model.start_task([0, 1])
+    params = model.trainable_parameters()
+    assert len(params) == len(model.adapted_blocks) + 2  # ups + head weight and bias
+    assert all(p.requires_grad for p in params)
+    model.finish_task()
+    assert model.trainable_parameters() == []
+    assert not any(p.requires_grad for p in model.parameters() if p.numel())
+    for _, adapter in model.adapters():
+        assert adapter.up.numel() == 0 and adapter.down.numel() == 0
+        assert adapter.past_down.shape == (2, 32) and adapter.past_up.shape == (64, 2)
+
+
+def test_state_dict_round_trip_into_fresh_model():
+    model = InfLoRAViT(tiny_vit(seed=0), rank=3, num_classes=10).eval()
+    finish_random_task(model, [3, 7], seed=1)
+    finish_random_task(model, [0, 9, 4], seed=2)
+    state = model.state_dict()
+    fresh = InfLoRAViT(tiny_vit(seed=5), rank=3).eval()  # different random init, no tasks yet
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert fresh.task_classes == [[3, 7], [0, 9, 4]] and fresh.num_classes == 10
+    # and it keeps learning: a new task starts cleanly
+    fresh.start_task([1, 2])
+    assert fresh.num_tasks == 3
+
+
+def test_output_is_indexed_by_label():
+    model = InfLoRAViT(tiny_vit(), rank=2).eval()
+    finish_random_task(model, [5, 2], seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    heads = model.forward_heads(model.forward_features(x))
+    assert out.shape == (2, 6)
+    torch.testing.assert_close(out[:, [5, 2]], heads)
+    assert (out[:, [0, 1, 3, 4]] <= -1e3).all()
+
+
+def test_first_n_blocks_and_explicit_blocks():
+    model = InfLoRAViT(tiny_vit(depth=4), rank=2, adapted_blocks=2)
+    assert [name for name, _ in model.adapters()] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert not isinstance(model.backbone.blocks[2].attn.qkv, InfLoRAQKV)
+    model.configure(adapted_blocks=[1, 3])
+    assert model.adapted_blocks == [1, 3]
+    assert isinstance(model.backbone.blocks[3].attn.qkv, InfLoRAQKV)
+    assert not isinstance(model.backbone.blocks[0].attn.qkv, InfLoRAQKV)
+
+
+def test_dinov2_layer_scale_backbone():
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=2, embed_dim=48, num_heads=3, init_values=1e-5
+    )
+    model = InfLoRAViT(vit, rank=4).eval()
+    finish_random_task(model, [0, 1, 2], seed=0)
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, 3)
+
+
+def test_shared_pretrained_weights_load(shared_weights):
+    model = InfLoRAViT(
+        "vit_small_patch14_dinov2", rank=4, checkpoint_path=shared_weights, img_size=56, dynamic_img_size=True
+    ).eval()
+    assert model.feature_dim == 384 and len(model.adapted_blocks) == 12
+    features = model.forward_features(torch.rand(2, 3, 56, 56))
+    assert features.shape == (2, 384) and torch.isfinite(features).all()
+    # real weights, not a random init: the patch embedding equals the file's (cast to fp32)
+    from safetensors.torch import load_file
+
+    state = load_file(shared_weights)
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, state["patch_embed.proj.weight"].float())
+
+
+def test_wrong_checkpoint_is_refused(tmp_path, shared_weights):
+    with pytest.raises(ValueError, match="does not fit"):
+        InfLoRAViT("vit_base_patch16_224", checkpoint_path=shared_weights, rank=4)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        InfLoRAViT("vit_small_patch14_dinov2", checkpoint_path=tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("rank", [0, 32, 40, -1])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match="rank"):
+        InfLoRAViT(tiny_vit(), rank=rank)
+
+
+def test_backbone_without_qkv_is_refused():
+    resnet = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(ValueError, match="attn.qkv"):
+        InfLoRAViT(resnet, rank=4)
+
+
+@pytest.mark.parametrize("blocks", [0, 3, [5], [-1]])
+def test_bad_adapted_blocks(blocks):
+    with pytest.raises(ValueError, match="adapted_blocks"):
+        InfLoRAViT(tiny_vit(), rank=2, adapted_blocks=blocks)
+
+
+def test_bad_tasks():
+    model = InfLoRAViT(tiny_vit(), rank=2)
+    with pytest.raises(ValueError, match="empty"):
+        model.start_task([])
+    model.start_task([0, 1])
+    model.finish_task()
+    with pytest.raises(ValueError, match="already learned"):
+        model.start_task([1, 2])
+    with pytest.raises(ValueError, match="before the first task"):
+        model.configure(rank=3)
+
+
+def test_offline_download_failure_explains_how_to_supply_weights(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from inflora_avalanche import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="checkpoint_path"):
+        InfLoRAViT("vit_tiny_patch16_224.augreg_in21k", rank=4, pretrained=True)
