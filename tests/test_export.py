@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SyntheticImages
 from inflora_avalanche import InfLoRAViT
 from inflora_avalanche.export import export_timm_checkpoint, load_exported, merged_qkv_weight
 
@@ -17,28 +18,13 @@ LABELS = [0, 1, 2, 3, 5, 7]  # labels 4 and 6 never occur: the export must keep 
 CLASS_ORDER = [5, 1, 7, 0, 3, 2]
 
 
-class _Images(torch.utils.data.Dataset):
-    """Class-dependent noise images: learnable, deterministic."""
-
-    def __init__(self, per_class: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        protos = torch.randn(max(LABELS) + 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        self.targets = [c for c in LABELS for _ in range(per_class)]
-        self.data = torch.stack([protos[c] + 0.5 * torch.randn(3, 32, 32, generator=gen) for c in self.targets])
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return self.data[i], self.targets[i]
-
-
 def _benchmark():
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.benchmarks.utils import as_classification_dataset
 
     return class_incremental_benchmark(
-        {"train": as_classification_dataset(_Images(8, 1)), "test": as_classification_dataset(_Images(4, 2))},
+        {"train": as_classification_dataset(SyntheticImages(LABELS, 8, seed=1)),
+         "test": as_classification_dataset(SyntheticImages(LABELS, 4, seed=2))},
         class_order=CLASS_ORDER,
         num_experiences=3,
     )
@@ -213,13 +199,9 @@ def test_clear_errors(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(not os.environ.get("INFLORA_TEST_WEIGHTS"), reason="set INFLORA_TEST_WEIGHTS to the DINOv2-S file")
-def test_dinov2_export_loads_with_timm_alone(tmp_path):
-    # The checkpoint's position embedding is for 518 px; dynamic_img_size resamples it for 56 px inputs.
-    kwargs = dict(dynamic_img_size=True)
-    model = InfLoRAViT(
-        "vit_small_patch14_dinov2", rank=4, checkpoint_path=os.environ["INFLORA_TEST_WEIGHTS"], **kwargs
-    ).eval()
+def test_dinov2_export_loads_with_timm_alone(tmp_path, shared_weights):
+    kwargs = dict(img_size=56, dynamic_img_size=True)
+    model = InfLoRAViT("vit_small_patch14_dinov2", rank=4, checkpoint_path=shared_weights, **kwargs).eval()
     torch.manual_seed(0)
     for classes in ([3, 9], [1]):
         model.start_task(classes)
