@@ -195,6 +195,7 @@ def plot_accuracy_curve(results: dict, path: Union[str, Path]) -> Path:
         xs = range(1, len(agg["task_aware_A_t"]) + 1)
         ax.plot(xs, [s["mean"] for s in agg["task_aware_A_t"]], color="tab:green", ls="--", lw=1.5,
                 label="task-aware accuracy")
+    ax.set_xticks(range(1, len(runs[0]["A_t"]) + 1))
     ax.set_xlabel("experiences learned (t)")
     ax.set_ylabel("accuracy on all seen classes (%)")
     ax.set_ylim(0, 100)

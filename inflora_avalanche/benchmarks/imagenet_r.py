@@ -39,14 +39,15 @@ def split_imagenet_r(
         raise DataUnavailableError(imagenet_r_help(root))
     if n_experiences not in (5, 10, 20):
         raise ValueError(f"ImageNet-R is run with 5, 10 or 20 experiences, got {n_experiences}")
+    n_folders = sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if split_manifest is None and expected_classes is not None and n_folders != expected_classes:
+        raise DataUnavailableError(
+            f"{root} has {n_folders} class folders, ImageNet-R has {expected_classes}; point --data-root at "
+            "the extracted imagenet-r/ folder"
+        )
     bench, info = folder_benchmark(
         root, n_experiences, class_order=class_order, test_fraction=test_fraction, split_seed=split_seed,
         manifest_path=manifest_path, split_manifest=split_manifest, resolution=resolution, normalize=normalize,
         name="imagenet_r", **kwargs,
     )
-    if expected_classes is not None and info.num_classes != expected_classes:
-        raise DataUnavailableError(
-            f"{root} has {info.num_classes} class folders, ImageNet-R has {expected_classes}; point --data-root at "
-            "the extracted imagenet-r/ folder"
-        )
     return bench, info
