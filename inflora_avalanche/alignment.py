@@ -205,7 +205,11 @@ class ClassifierAlignmentPlugin(SupervisedPlugin):
         """Feature statistics of every class in the current experience (test-time view); returns those classes."""
         dataset = strategy.experience.dataset.eval()
         batch = self.eval_mb_size or getattr(strategy, "eval_mb_size", None) or 64
-        loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=self.num_workers)
+        # A private generator: creating a loader iterator draws a seed, which must not advance the global RNG (the
+        # training run with alignment then follows the same path as the one without).
+        loader = DataLoader(
+            dataset, batch_size=batch, shuffle=False, num_workers=self.num_workers, generator=torch.Generator()
+        )
         autocast = strategy.autocast() if hasattr(strategy, "autocast") else nullcontext()
         prepare = getattr(strategy, "prepare_input", None)
         accumulator: Optional[ClassMomentAccumulator] = None
@@ -326,6 +330,7 @@ class ClassifierAlignmentPlugin(SupervisedPlugin):
             generator = torch.Generator(device=device).manual_seed(self.seed + current)
 
         params = [p for head in heads for p in head.parameters()]
+        dtypes = [next(head.parameters()).dtype for head in heads]
         flags = [p.requires_grad for p in params]
         modes = [head.training for head in heads]
         losses: list[float] = []
@@ -348,7 +353,7 @@ class ClassifierAlignmentPlugin(SupervisedPlugin):
                     for start in range(0, len(targets), self.batch_size):
                         x = features[start : start + self.batch_size]
                         y = targets[start : start + self.batch_size]
-                        logits = torch.cat([head(x.to(head.weight.dtype)) for head in heads], dim=1).float()
+                        logits = torch.cat([head(x.to(dtype)) for head, dtype in zip(heads, dtypes)], dim=1).float()
                         if self.logit_normalization:
                             loss = normalized_logit_loss(logits, y, sizes, self.temperature)
                         else:
