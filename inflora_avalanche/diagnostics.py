@@ -5,6 +5,8 @@ Per experience ``t`` and adapted layer ``l``:
 - ``memory_size`` / ``memory_kind`` / ``old_space_share``: the DualGPM memory after the update of task ``t``
   (``old_space_share`` = dimension of the old tasks' input space / layer width, whatever the memory kind);
 - ``threshold``: the energy threshold ``eps_t`` the update used;
+- ``memory_coverage``: share of task ``t``'s input energy (after training) that the updated memory's old-task space
+  holds. The threshold counts squared covariance eigenvalues, this counts plain energy, so it is usually lower;
 - ``energy_in_old``: share of task ``t``'s input energy (before training) lying in the old tasks' subspace, i.e. the
   memory as it was before task ``t``. High values leave the new branch little room;
 - ``interference_old``: ``||U_t D_t x|| / ||W_kv x + b_kv||`` over a sample ``x`` of earlier tasks' inputs of the
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Sequence, Union
@@ -40,6 +43,7 @@ from .subspace import DOWN_SCALE, CovarianceAccumulator, LayerMemory, energy_in_
 PER_LAYER_METRICS = (
     "memory_size",
     "old_space_share",
+    "memory_coverage",
     "energy_in_old",
     "interference_old",
     "change_new",
@@ -188,7 +192,6 @@ def plot_heatmaps(records: Sequence[Mapping[str, Any]], path: Union[str, os.Path
                     out[i, j] = float(value)
         return out
 
-    ratio = grid("interference_old") / grid("change_new")
     change_panels = [grid(m) for m in ("interference_old", "change_new", "random_down_old")]
     finite = torch.cat([p[torch.isfinite(p) & (p > 0)] for p in change_panels])
     lo = float(finite.min()) if finite.numel() else 1e-4
@@ -196,11 +199,11 @@ def plot_heatmaps(records: Sequence[Mapping[str, Any]], path: Union[str, os.Path
     change_norm = LogNorm(vmin=lo, vmax=max(hi, lo * 10))
     panels = [
         ("old-task space / width (R: retain memory)", grid("old_space_share"), Normalize(0, 1), "Blues"),
-        ("energy of new task's input in old space", grid("energy_in_old"), Normalize(0, 1), "Oranges"),
+        ("memory_coverage: task's input energy in memory", grid("memory_coverage"), Normalize(0, 1), "Greens"),
+        ("energy_in_old: new task's input energy in old space", grid("energy_in_old"), Normalize(0, 1), "Oranges"),
         ("interference_old: ||ΔKV(x_old)|| / ||KV(x_old)||", change_panels[0], change_norm, "viridis"),
         ("change_new: ||ΔKV(x_new)|| / ||KV(x_new)||", change_panels[1], change_norm, "viridis"),
         ("random_down_old: same, random D", change_panels[2], change_norm, "viridis"),
-        ("interference_old / change_new", ratio, LogNorm(vmin=1e-3, vmax=1.0), "magma"),
     ]
     fig = Figure(figsize=(3.2 * 3 + 1.5, 0.32 * len(layers) * 2 + 2.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -306,20 +309,25 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
         self._memory_before: Dict[str, LayerMemory] = {}
         self._finished_before: Dict[str, int] = {}
         self._new_covariances: Dict[str, torch.Tensor] = {}
+        self.seconds: list[float] = []  # wall time of the plugin's passes and math per experience (not file writing)
+        self._before_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------- callbacks
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         from .plugins import unwrap_model
 
+        started = time.perf_counter()
         subspace = self._subspace_plugin(strategy)
         model = unwrap_model(strategy.model)
         self._memory_before = dict(subspace.memories)
         self._finished_before = {name: a.num_finished for name, a in model.adapters()}
         self._new_covariances, _ = self._sample(strategy, model, salt=0)
+        self._before_seconds = time.perf_counter() - started
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         from .plugins import unwrap_model
 
+        resumed = time.perf_counter()
         subspace = self._subspace_plugin(strategy)
         model = unwrap_model(strategy.model)
         if model.task_open:
@@ -327,7 +335,7 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
                 "the task is still open after the SubspaceUpdatePlugin ran: register SubspaceDiagnosticsPlugin after it"
             )
         experience = int(getattr(strategy.experience, "current_experience", len({r["experience"] for r in self.records})))
-        _, new_tokens = self._sample(strategy, model, salt=1)
+        covs_after, new_tokens = self._sample(strategy, model, salt=1)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * experience + 1)
         threshold = subspace.thresholds[-1] if subspace.thresholds else None
         new_records = []
@@ -350,6 +358,7 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
                 "memory_size": memory.size if memory is not None else 0,
                 "old_space_share": memory.old_space_dim() / adapter.in_features if memory is not None else 0.0,
                 "threshold": threshold,
+                "memory_coverage": None if memory is None else energy_in_subspace(covs_after[name], memory),
                 "energy_in_old": None
                 if cov is None or before is None or before.is_empty
                 else energy_in_subspace(cov, before),
@@ -363,6 +372,7 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
             self.old_tokens.setdefault(name, []).append(new_tokens[name])
         self.records.extend(new_records)
         self._publish(strategy, new_records, experience)
+        self.seconds.append(self._before_seconds + time.perf_counter() - resumed)
         self._write_files()
 
     # ------------------------------------------------------------------------------------------------- helpers
@@ -435,7 +445,7 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
         if self.out_dir is None:
             return
         json_text = json.dumps({"sample_images": self.sample_images, "sample_tokens": self.sample_tokens,
-                                "records": self.records}, indent=1)
+                                "seconds": self.seconds, "records": self.records}, indent=1)
         _write_text(self.out_dir / FILE_NAMES[0], json_text + "\n")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["experience", "layer", "metric", "value"], lineterminator="\n")

@@ -106,7 +106,7 @@ def test_sample_rows_takes_distinct_rows_and_is_bounded():
 def test_plot_heatmaps_writes_a_png_and_refuses_empty_records(tmp_path):
     records = [
         {"experience": e, "layer": layer, "memory_kind": "retain" if e == 2 else "remove", "memory_size": 3,
-         "old_space_share": 0.2 * (e + 1), "threshold": 0.95 + 0.01 * e, "energy_in_old": None if e == 0 else 0.9,
+         "old_space_share": 0.2 * (e + 1), "memory_coverage": 0.5, "threshold": 0.95 + 0.01 * e, "energy_in_old": None if e == 0 else 0.9,
          "interference_old": None if e == 0 else 1e-3, "change_new": 0.05, "random_down_old": None if e == 0 else 0.02}
         for e in range(3)
         for layer in LAYERS
@@ -182,6 +182,7 @@ def test_records_describe_memory_threshold_and_energy(run):
             assert 0.0 <= rec["energy_in_old"] <= 1.0
             assert rec["sample_tokens_old"] == 40 * rec["experience"]
         assert rec["change_new"] > 0
+        assert 0.0 < rec["memory_coverage"] <= 1.0 + 1e-9
 
 
 def test_interference_equals_the_change_of_the_adapter_output_on_stored_old_inputs(run):
