@@ -125,24 +125,30 @@ class UpdatedParameterCounter(SupervisedPlugin):
 
     def __init__(self) -> None:
         super().__init__()
+        #: tensors a plugin trains with its own optimiser after the experience (InfLoRA+CA's old heads)
+        self.also_updated: Optional[Callable[[Any], list[torch.Tensor]]] = None
         self.per_experience: list[int] = []
-        self._current: dict[int, int] = {}
-        self._all: dict[int, int] = {}
+        # id -> tensor: holding the tensor keeps its id from being reused by a later task's new branch
+        self._current: dict[int, torch.Tensor] = {}
+        self._all: dict[int, torch.Tensor] = {}
 
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
         for group in strategy.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None and id(p) not in self._current:
-                    self._current[id(p)] = p.numel()
+                if p.grad is not None:
+                    self._current[id(p)] = p
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        self.per_experience.append(sum(self._current.values()))
+        if self.also_updated is not None:
+            for p in self.also_updated(strategy):
+                self._current[id(p)] = p
+        self.per_experience.append(sum(p.numel() for p in self._current.values()))
         self._all.update(self._current)
         self._current = {}
 
     @property
     def total(self) -> int:
-        return sum(self._all.values())
+        return sum(p.numel() for p in self._all.values())
 
 
 # --------------------------------------------------------------------------------------------------- strategies
@@ -237,6 +243,9 @@ def _inflora(name: str, backbone: nn.Module, settings: Settings, evaluator: Any,
             milestones=[step] if step < settings.epochs else [],
         )
         plugins = plugins + [ClassifierAlignmentPlugin(seed=settings.seed)]
+        for plugin in plugins:
+            if isinstance(plugin, UpdatedParameterCounter):
+                plugin.also_updated = _aligned_heads
     if name == "seq_lora":
         plugins = [RandomSubspacePlugin(seed=settings.seed)] + plugins
     return InfLoRAStrategy(
@@ -250,6 +259,12 @@ def _inflora(name: str, backbone: nn.Module, settings: Settings, evaluator: Any,
         **extra,
         **_common(settings, evaluator, plugins),
     )
+
+
+def _aligned_heads(strategy: Any) -> list[torch.Tensor]:
+    """Classifier alignment retrains every seen task's head from the second experience on."""
+    heads = strategy.model.heads
+    return [p for head in heads for p in head.parameters()] if len(heads) > 1 else []
 
 
 def _head_model(backbone: nn.Module, settings: Settings, frozen: bool) -> LinearHeadViT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import re
 import resource
@@ -39,10 +40,9 @@ class BackboneConfig:
         from ..model import create_backbone
 
         if self.name == "tiny":
-            return timm.create_model(
-                "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=resolution, patch_size=8,
-                depth=2, embed_dim=32, num_heads=2,
-            )
+            kwargs = dict(img_size=resolution, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+            kwargs.update(dict(self.timm_kwargs))
+            return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
         return create_backbone(self.name, pretrained=self.pretrained, checkpoint_path=self.checkpoint,
                                **dict(self.timm_kwargs))
 
@@ -70,11 +70,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _proc_status_mb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_memory(device: str) -> float:
+    """Start a new peak-memory window; returns the baseline the peak is measured above (MiB).
+
+    CUDA: resets the allocator's peak, baseline 0. CPU (Linux): resets the process's peak RSS (``VmHWM``, via
+    ``/proc/self/clear_refs``) and returns the RSS now, i.e. libraries and data already loaded. Elsewhere the
+    baseline is the lifetime peak RSS so far (``getrusage``), so a peak below it reads as 0.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return 0.0
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        rss = _proc_status_mb("VmRSS")
+        if rss is not None:
+            return rss
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def peak_memory_mb(device: str) -> tuple[float, str]:
-    """Peak memory so far: CUDA max allocated, else this process's max resident set size."""
+    """Peak memory of the current window: CUDA max allocated, else the process's peak RSS."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "process max RSS"
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm, "peak RSS above the process baseline (libraries and data loaded)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "max RSS above the process baseline"
 
 
 _EXP_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/[^/]+/(?:Task\d+/)?Exp(\d+)$")
@@ -101,10 +136,10 @@ def run_method(spec: RunSpec, log: Callable[[str], None] = lambda _msg: None) ->
     ``A_t[t]`` the accuracy on the test data of all classes seen after t. A method that cannot run on the
     backbone comes back with ``status="n/a"`` and the reason; a crash with ``status="error"``.
     """
-    result: dict[str, Any] = {"method": spec.method, "seed": spec.seed, "status": "ok", "reason": None}
+    result: dict[str, Any] = {
+        "method": spec.method, "seed": spec.seed, "status": "ok", "reason": None, "joint": spec.method in JOINT_METHODS
+    }
     try:
-        if torch.device(spec.device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         benchmark = build_stream(spec.stream)
         num_exps = len(benchmark.train_stream)
         settings = Settings(
@@ -112,9 +147,10 @@ def run_method(spec: RunSpec, log: Callable[[str], None] = lambda _msg: None) ->
             batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, device=spec.device,
             precision=spec.precision, seed=spec.seed, hparams=spec.hparams,
         )
+        gc.collect()
+        baseline = reset_peak_memory(spec.device)
         seed_everything(spec.seed)
         backbone = spec.backbone.create(spec.stream.resolution)
-        memory_before, _ = peak_memory_mb(spec.device)
         seed_everything(spec.seed)
         evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
         counter = UpdatedParameterCounter()
@@ -153,8 +189,8 @@ def run_method(spec: RunSpec, log: Callable[[str], None] = lambda _msg: None) ->
             trainable_params_total=counter.total,
             train_time_s=train_time,
             eval_time_s=eval_time,
-            peak_memory_mb=peak,
-            memory_before_training_mb=memory_before,
+            peak_memory_mb=max(0.0, peak - baseline),
+            process_baseline_mb=baseline,
             memory_kind=kind,
         )
     except MethodNotApplicable as err:

@@ -17,6 +17,7 @@ from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmar
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 16, 8  # images per class of the synthetic stream unless limited
 
 
 class StreamDataError(ValueError):
@@ -56,11 +57,15 @@ class StreamConfig:
         return self.num_experiences * self.classes_per_experience
 
     def describe(self) -> str:
-        source = "synthetic" if self.root is None else self.root
+        if self.root is None:
+            source = "synthetic"
+            train, test = self.max_train_per_class or SYNTHETIC_TRAIN, self.max_test_per_class or SYNTHETIC_TEST
+        else:
+            source = Path(self.root).name
+            train, test = self.max_train_per_class or "all", self.max_test_per_class or "all"
         return (
             f"{source}: {self.num_experiences} experiences x {self.classes_per_experience} classes, "
-            f"<= {self.max_train_per_class or 'all'} train / {self.max_test_per_class or 'all'} test images per "
-            f"class, {self.resolution}px"
+            f"{train} train / {test} test images per class, {self.resolution}px"
         )
 
 
@@ -92,7 +97,7 @@ def _synthetic(config: StreamConfig) -> tuple[InMemoryImages, InMemoryImages]:
         labels = [c for c in range(config.num_classes) for _ in range(per_class)]
         return InMemoryImages(images.contiguous(), labels)
 
-    return sample(config.max_train_per_class or 16), sample(config.max_test_per_class or 8)
+    return sample(config.max_train_per_class or SYNTHETIC_TRAIN), sample(config.max_test_per_class or SYNTHETIC_TEST)
 
 
 def _folder(config: StreamConfig) -> tuple[InMemoryImages, InMemoryImages]:
