@@ -61,6 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16 autocast for every method (InfLoRA's own switch, a plugin for the others)")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     parser.add_argument("--hparams", default="{}", help='JSON overrides per method, e.g. {"ewc": {"ewc_lambda": 100}}')
     parser.add_argument("--no-isolate", action="store_true", help="run every method in this process")
     return parser.parse_args(argv)
@@ -87,6 +88,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             fail(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_workers < 0:
         fail("--num-workers must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        fail("--threads must be >= 1")
     parsed = {}
     for name in ("timm_kwargs", "hparams"):
         try:
@@ -122,13 +125,13 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     return {"methods": methods, "seeds": seeds, "device": device, **parsed}
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, threads: Any = None) -> str:
     import torch
 
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
     return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+            f"{threads or torch.get_num_threads()} torch thread(s) per run, torch {torch.__version__}")
 
 
 def main(argv: list[str]) -> int:
@@ -158,7 +161,8 @@ def main(argv: list[str]) -> int:
             spec = RunSpec(
                 method=method, seed=seed, stream=stream, backbone=backbone, epochs=args.epochs,
                 batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=checked["device"],
-                precision=args.precision, num_workers=args.num_workers, hparams=checked["hparams"],
+                precision=args.precision, num_workers=args.num_workers, threads=args.threads,
+                hparams=checked["hparams"],
             )
             print(f"[{time.time() - started:7.0f} s] {method}, seed {seed}", flush=True)
             result = run_method(spec, log=print) if args.no_isolate else run_isolated(spec)
@@ -169,7 +173,7 @@ def main(argv: list[str]) -> int:
     rows = aggregate(results, order=checked["methods"])
     meta = {
         "command": command,
-        "machine": machine_description(checked["device"]),
+        "machine": machine_description(checked["device"], args.threads),
         "stream": stream.describe(),
         "backbone": args.backbone + (f" ({args.checkpoint})" if args.checkpoint else ""),
         "epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision,

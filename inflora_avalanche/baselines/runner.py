@@ -61,6 +61,7 @@ class RunSpec:
     device: str = "cpu"
     precision: str = "fp32"
     num_workers: int = 0
+    threads: Optional[int] = None  # torch CPU threads; None keeps torch's default
     hparams: dict = field(default_factory=dict)
 
 
@@ -140,6 +141,8 @@ def run_method(spec: RunSpec, log: Callable[[str], None] = lambda _msg: None) ->
         "method": spec.method, "seed": spec.seed, "status": "ok", "reason": None, "joint": spec.method in JOINT_METHODS
     }
     try:
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
         benchmark = build_stream(spec.stream)
         num_exps = len(benchmark.train_stream)
         settings = Settings(
