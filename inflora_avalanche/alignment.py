@@ -53,7 +53,7 @@ def _check_float(name: str, value: Any, low: float, high: float = float("inf"), 
 
 
 def feature_model(model: nn.Module) -> nn.Module:
-    """The module exposing ``forward_features`` / ``heads`` / ``task_classes`` inside ``model`` (unwraps ``.module``)."""
+    """The module with ``forward_features``, ``heads`` and ``task_classes`` inside ``model`` (unwraps ``.module``)."""
     inner = getattr(model, "module", model)
     missing = [a for a in ("forward_features", "heads", "task_classes") if not hasattr(inner, a)]
     if missing:
