@@ -43,6 +43,7 @@ SCRIPT_ACCEPTS = {
     "imagenet_r": {"imagenet_r", "folder", "digits"},
     "domainnet": {"domainnet", "folder", "digits"},
 }
+SCRIPTS = {"split_cifar100": "run_split_cifar.py", "imagenet_r": "run_imagenet_r.py", "domainnet": "run_domainnet.py"}
 DEMO_BANNER = (
     "DEMO: scikit-learn's 8x8 digits (5 experiences x 2 classes) on a tiny random-init ViT, on the CPU. It runs the "
     "same code as the benchmarks to check the installation; its numbers are NOT the benchmark's."
@@ -150,11 +151,13 @@ def load_preset(name_or_path: str) -> dict:
     return preset
 
 
-def load_config(preset: str, overrides: Optional[dict] = None) -> dict:
-    """Defaults, then the preset, then ``overrides`` (``None`` values ignored); validated."""
+def load_config(preset: str, overrides: Optional[dict] = None, explicit: Optional[dict] = None) -> dict:
+    """Defaults, then the preset, then ``overrides`` (``None`` values ignored), then ``explicit`` (``None`` kept);
+    validated."""
     config = copy.deepcopy(DEFAULTS)
     config.update(load_preset(preset))
     config.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config.update(explicit or {})
     return validate_config(config)
 
 
@@ -743,26 +746,24 @@ def _parse_set(items: Sequence[str]) -> dict:
 def config_from_args(args: argparse.Namespace, benchmark: str) -> dict:
     """Preset + command-line overrides, validated; the preset must suit the script's ``benchmark``."""
     preset = DEMO_PRESET if args.demo else args.preset
-    overrides = _parse_set(args.set)
-    overrides.update({
+    overrides = {
         "data_root": args.data_root, "weights": args.weights, "backbone": args.backbone, "resolution": args.resolution,
         "normalize": args.normalize, "seeds": args.seeds, "device": args.device, "epochs": args.epochs,
         "batch_size": args.batch_size, "num_workers": args.num_workers, "n_experiences": args.experiences,
         "classes": args.classes, "max_train_per_class": args.max_train_per_class,
         "max_test_per_class": args.max_test_per_class, "split_seed": args.split_seed,
         "split_manifest": args.split_manifest, "out": args.out,
-    })
+    }
     if args.no_download:
         overrides["download"] = False
     if args.overwrite:
         overrides["overwrite"] = True
     if args.no_progress:
         overrides["progress"] = False
-    config = load_config(preset, overrides)
+    config = load_config(preset, overrides, _parse_set(args.set))
     accepted = SCRIPT_ACCEPTS.get(benchmark)
     if accepted is not None and config["benchmark"] not in accepted:
-        script = {v: k for k, v in {"run_split_cifar.py": "split_cifar100", "run_imagenet_r.py": "imagenet_r",
-                                    "run_domainnet.py": "domainnet"}.items()}.get(config["benchmark"], "run_imagenet_r.py")
+        script = SCRIPTS.get(config["benchmark"], "run_imagenet_r.py")
         raise ConfigError(f"preset {config['preset']!r} is a {config['benchmark']} preset; run it with experiments/{script}")
     return config
 

@@ -200,3 +200,24 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
             if acc is not None:
                 assert ta >= acc - 1e-9  # knowing the task can only help
     assert "A_last" in (out / "summary.txt").read_text()
+
+
+def test_worker_errors_are_shortened_to_the_original_message(tmp_path):
+    """An unreadable image met in a DataLoader worker process still ends as one line naming the file."""
+    from inflora_avalanche.benchmarks import ImageFileDataset, ImageLoadError
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    loader = torch.utils.data.DataLoader(ImageFileDataset([(str(bad), 0)]), num_workers=1, collate_fn=list)
+    with pytest.raises(ImageLoadError) as info:
+        next(iter(loader))
+    assert "Traceback" in str(info.value)  # torch wraps the worker's traceback into the message
+    line = E._one_line(info.value)
+    assert line.startswith("cannot read image") and str(bad) in line and "Traceback" not in line
+
+
+def test_set_can_clear_a_preset_value():
+    args = E.build_parser("imagenet_r").parse_args(
+        ["--preset", "tinyimagenet_dinov2", "--data-root", "x", "--set", "max_train_per_class=null"])
+    config = E.config_from_args(args, "imagenet_r")
+    assert config["max_train_per_class"] is None and config["max_test_per_class"] == 25
