@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     parser.add_argument("--hparams", default="{}", help='JSON overrides per method, e.g. {"ewc": {"ewc_lambda": 100}}')
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="multiply every method's learning rates (the same factor for all: short CPU budgets)")
     parser.add_argument("--no-isolate", action="store_true", help="run every method in this process")
     return parser.parse_args(argv)
 
@@ -88,6 +90,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             fail(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_workers < 0:
         fail("--num-workers must be >= 0")
+    if not args.lr_scale > 0:
+        fail(f"--lr-scale must be positive, got {args.lr_scale}")
     if args.threads is not None and args.threads < 1:
         fail("--threads must be >= 1")
     parsed = {}
@@ -137,7 +141,7 @@ def machine_description(device: str, threads: Any = None) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     checked = validate(args)
-    from inflora_avalanche.baselines.methods import DEFAULT_HPARAMS
+    from inflora_avalanche.baselines.methods import Settings
     from inflora_avalanche.baselines.runner import BackboneConfig, RunSpec, run_isolated, run_method
     from inflora_avalanche.baselines.streams import StreamConfig
     from inflora_avalanche.baselines.table import aggregate, plot_curves, to_markdown
@@ -162,7 +166,7 @@ def main(argv: list[str]) -> int:
                 method=method, seed=seed, stream=stream, backbone=backbone, epochs=args.epochs,
                 batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, device=checked["device"],
                 precision=args.precision, num_workers=args.num_workers, threads=args.threads,
-                hparams=checked["hparams"],
+                hparams=checked["hparams"], lr_scale=args.lr_scale,
             )
             print(f"[{time.time() - started:7.0f} s] {method}, seed {seed}", flush=True)
             result = run_method(spec, log=print) if args.no_isolate else run_isolated(spec)
@@ -178,7 +182,11 @@ def main(argv: list[str]) -> int:
         "backbone": args.backbone + (f" ({args.checkpoint})" if args.checkpoint else ""),
         "epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision,
         "device": checked["device"], "seeds": checked["seeds"],
-        "hparams": {m: {**DEFAULT_HPARAMS[m], **checked["hparams"].get(m, {})} for m in checked["methods"]},
+        "lr_scale": args.lr_scale,
+        "hparams": {
+            m: Settings(num_classes=1, num_experiences=1, hparams=checked["hparams"], lr_scale=args.lr_scale)
+            .method_hparams(m) for m in checked["methods"]
+        },
         "total_time_s": time.time() - started,
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1))
@@ -187,6 +195,7 @@ def main(argv: list[str]) -> int:
     (out / "results.md").write_text(
         f"# Baseline comparison\n\nCommand: `{command}`\n\nMachine: {meta['machine']}\n\n"
         f"Stream: {meta['stream']}; backbone {meta['backbone']}; {args.epochs} epoch(s), batch {args.batch_size}, "
+        f"learning rates x{args.lr_scale:g}, "
         f"{args.precision}; seeds {', '.join(map(str, checked['seeds']))}. Mean ± sample std over seeds. "
         f"Peak memory: {memory_kind}. Trainable params: tensors updated in one experience.\n\n{table}"
     )

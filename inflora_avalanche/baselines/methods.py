@@ -44,10 +44,14 @@ class Settings:
     precision: str = "fp32"
     seed: int = 0
     hparams: dict = field(default_factory=dict)
+    lr_scale: float = 1.0
 
     def method_hparams(self, method: str) -> dict:
+        """The method's hyper-parameters: defaults, overrides, then every learning rate times ``lr_scale``."""
         merged = dict(DEFAULT_HPARAMS[method])
         merged.update(self.hparams.get(method, {}))
+        for key in LR_KEYS & set(merged):
+            merged[key] = merged[key] * self.lr_scale
         return merged
 
 
@@ -68,6 +72,9 @@ DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
     "l2p": {"lr_per_256": 0.03, "pool_size": 10, "prompt_length": 5, "top_k": 5, "sim_coefficient": 0.1},
     "joint": {"backbone_lr": 1e-5, "head_lr": 5e-4},
 }
+
+#: The learning-rate entries of the hyper-parameters (what ``Settings.lr_scale`` multiplies).
+LR_KEYS = frozenset({"lr", "head_lr", "backbone_lr", "lr_per_256"})
 
 #: Display names, in table order.
 METHOD_LABELS: dict[str, str] = {

@@ -63,6 +63,7 @@ class RunSpec:
     num_workers: int = 0
     threads: Optional[int] = None  # torch CPU threads; None keeps torch's default
     hparams: dict = field(default_factory=dict)
+    lr_scale: float = 1.0
 
 
 def seed_everything(seed: int) -> None:
@@ -148,7 +149,7 @@ def run_method(spec: RunSpec, log: Callable[[str], None] = lambda _msg: None) ->
         settings = Settings(
             num_classes=spec.stream.num_classes, num_experiences=num_exps, epochs=spec.epochs,
             batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, device=spec.device,
-            precision=spec.precision, seed=spec.seed, hparams=spec.hparams,
+            precision=spec.precision, seed=spec.seed, hparams=spec.hparams, lr_scale=spec.lr_scale,
         )
         gc.collect()
         baseline = reset_peak_memory(spec.device)
