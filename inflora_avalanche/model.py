@@ -229,8 +229,9 @@ class InfLoRAViT(nn.Module):
         """Freeze the current task: merge its branches into ``qkv`` and stop its head's training."""
         for _, adapter in self.adapters():
             adapter.finish_branch()
-        for head in self.heads:
-            head.requires_grad_(False)
+        for param in self.heads.parameters():
+            param.requires_grad_(False)
+            param.grad = None  # free the finished task's training state
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The current task's up-projections and head: the only parameters InfLoRA trains."""

@@ -23,16 +23,44 @@ def tiny_vit(depth: int = 2, embed_dim: int = 32, seed: int = 0, **overrides) ->
 
 
 class SyntheticImages(Dataset):
-    """Images of class ``c`` = a fixed random prototype for ``c`` plus Gaussian noise; torchvision-style."""
+    """Images of class ``c`` = a fixed random prototype for ``c`` plus Gaussian noise; torchvision-style.
 
-    def __init__(self, classes: Sequence[int], per_class: int, seed: int, noise: float = 0.5, size: int = 32) -> None:
+    With ``patterns_per_group=k``, classes come in groups (``c // group_size``) whose images are combinations of
+    ``k`` random patterns private to the group, so different groups (tasks) occupy different input subspaces. The
+    patterns are ``tile``-pixel squares repeated over the image, so every patch token of a group lies in the same
+    k-dimensional space (up to the position embedding).
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[int],
+        per_class: int,
+        seed: int,
+        noise: float = 0.5,
+        size: int = 32,
+        patterns_per_group: int = 0,
+        group_size: int = 2,
+        tile: int = 8,
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         proto_gen = torch.Generator().manual_seed(1234)
         num = max(classes) + 1
-        protos = torch.randn(num, 3, size, size, generator=proto_gen)
         self.targets = [int(c) for c in classes for _ in range(per_class)]
         labels = torch.tensor(self.targets)
-        self.x = protos[labels] + noise * torch.randn(len(labels), 3, size, size, generator=gen)
+        if patterns_per_group:
+            groups = num // group_size + 1
+            reps = size // tile
+            tiles = torch.randn(groups, patterns_per_group, 3, tile, tile, generator=proto_gen)
+            patterns = tiles.repeat(1, 1, 1, reps, reps).reshape(groups, patterns_per_group, -1)
+            coeffs = torch.randn(num, patterns_per_group, generator=proto_gen)
+            protos = torch.einsum("ck,ckp->cp", coeffs, patterns[torch.arange(num) // group_size])
+            jitter = torch.randn(len(labels), patterns_per_group, generator=gen)
+            own = patterns[labels // group_size]
+            x = protos[labels] + noise * torch.einsum("nk,nkp->np", jitter, own)
+            self.x = x.reshape(-1, 3, size, size) / patterns_per_group**0.5
+        else:
+            protos = torch.randn(num, 3, size, size, generator=proto_gen)
+            self.x = protos[labels] + noise * torch.randn(len(labels), 3, size, size, generator=gen)
 
     def __len__(self) -> int:
         return len(self.targets)
