@@ -221,3 +221,13 @@ def test_set_can_clear_a_preset_value():
         ["--preset", "tinyimagenet_dinov2", "--data-root", "x", "--set", "max_train_per_class=null"])
     config = E.config_from_args(args, "imagenet_r")
     assert config["max_train_per_class"] is None and config["max_test_per_class"] == 25
+
+
+def test_ca_preset_attaches_classifier_alignment():
+    from inflora_avalanche.alignment import ClassifierAlignmentPlugin
+
+    plugins = E.build_config_plugins(E.load_config("cifar100_inflora_ca"))
+    assert len(plugins) == 1 and isinstance(plugins[0], ClassifierAlignmentPlugin)
+    assert E.build_config_plugins(E.load_config("cifar100_inflora")) == []
+    with pytest.raises(E.ConfigError, match="classifier_alignment"):
+        E.build_config_plugins(E.load_config("cifar100_inflora_ca", {"classifier_alignment": {"no_such_arg": 1}}))
