@@ -78,13 +78,26 @@ def summary_plot(records: list[dict], accuracy: list[float], path: Path) -> None
     b.plot(exps, [records[[r["experience"] for r in records].index(e)]["threshold"] for e in exps], "k:",
            label="threshold ε_t")
     b.set(title="subspace memory (mean over layers)", xlabel="experience", ylim=(0, 1.05))
-    b.legend(fontsize=7)
+    b.legend(fontsize=6, loc="center", bbox_to_anchor=(0.5, 0.3))
     c.plot(exps, accuracy, "o-")
     c.set(title="accuracy on all seen classes (%)", xlabel="experience", ylim=(0, 100))
     for ax in (a, b, c):
         ax.set_xticks(exps)
         ax.title.set_fontsize(9)
     fig.savefig(path, dpi=120)
+
+
+def replot(out: Path) -> int:
+    from inflora_avalanche.diagnostics import FILE_NAMES, load_records, plot_heatmaps
+
+    if not (out / FILE_NAMES[0]).is_file() or not (out / "run.json").is_file():
+        print(f"error: {out} holds no finished run (subspace_diagnostics.json, run.json)", file=sys.stderr)
+        return 2
+    records = load_records(out / FILE_NAMES[0])
+    plot_heatmaps(records, out / FILE_NAMES[2])
+    summary_plot(records, json.loads((out / "run.json").read_text())["accuracy"], out / "summary.png")
+    print(f"redrew the plots in {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace the diagnostics files already in --out")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots from the files in --out")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.out))
 
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.benchmarks.utils import as_classification_dataset

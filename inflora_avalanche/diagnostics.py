@@ -37,7 +37,9 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
+from .export import atomic_write
 from .lora import InfLoRAQKV
+from .plugins import SubspaceUpdatePlugin, unwrap_model
 from .subspace import DOWN_SCALE, CovarianceAccumulator, LayerMemory, energy_in_subspace
 
 PER_LAYER_METRICS = (
@@ -232,20 +234,7 @@ def plot_heatmaps(records: Sequence[Mapping[str, Any]], path: Union[str, os.Path
         fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -253,7 +242,7 @@ def _write_text(path: Path, text: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------- plugin
@@ -314,8 +303,6 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
 
     # ------------------------------------------------------------------------------------------------- callbacks
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        from .plugins import unwrap_model
-
         started = time.perf_counter()
         subspace = self._subspace_plugin(strategy)
         model = unwrap_model(strategy.model)
@@ -325,8 +312,6 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
         self._before_seconds = time.perf_counter() - started
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        from .plugins import unwrap_model
-
         resumed = time.perf_counter()
         subspace = self._subspace_plugin(strategy)
         model = unwrap_model(strategy.model)
@@ -334,7 +319,7 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
             raise RuntimeError(
                 "the task is still open after the SubspaceUpdatePlugin ran: register SubspaceDiagnosticsPlugin after it"
             )
-        experience = int(getattr(strategy.experience, "current_experience", len({r["experience"] for r in self.records})))
+        experience = int(getattr(strategy.experience, "current_experience", len(self.seconds)))
         covs_after, new_tokens = self._sample(strategy, model, salt=1)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * experience + 1)
         threshold = subspace.thresholds[-1] if subspace.thresholds else None
@@ -377,8 +362,6 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _subspace_plugin(self, strategy: Any):
-        from .plugins import SubspaceUpdatePlugin
-
         plugins = list(getattr(strategy, "plugins", []))
         found = [i for i, p in enumerate(plugins) if isinstance(p, SubspaceUpdatePlugin)]
         if not found:

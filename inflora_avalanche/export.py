@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -127,11 +127,20 @@ def _check_loads(architecture: str, num_classes: int, kwargs: dict, state: dict)
         ) from None
 
 
-def _atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Create ``path`` by ``write(temporary path)`` in the same folder and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -217,15 +226,14 @@ def export_timm_checkpoint(
 
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(metadata, handle, indent=2)
             handle.write("\n")
 
-    _atomic_write(meta_path, write_json)
+    atomic_write(meta_path, write_json)
     return metadata
 
 

@@ -184,6 +184,9 @@ def test_refuses_to_overwrite_and_leaves_no_temporary_files(trained, tmp_path):
     export_timm_checkpoint(model, path, timm_kwargs=TINY, overwrite=True)
     assert path.read_bytes() == first
     assert sorted(os.listdir(tmp_path)) == ["m.json", "m.safetensors", "other.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_clear_errors(trained, tmp_path):
