@@ -230,7 +230,7 @@ def plot_accuracy_matrix(results: dict, path: Union[str, Path]) -> Path:
     ax.set_yticks(range(T), [str(t + 1) for t in range(T)], fontsize=7)
     ax.set_xlabel("experience tested")
     ax.set_ylabel("after training experience")
-    ax.set_title(("DEMO - " if results.get("demo") else "") + "accuracy (%)", fontsize=9)
+    ax.set_title(("DEMO - " if results.get("demo") else "") + "class-incremental accuracy (%)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     path = Path(path)
     fig.tight_layout()
