@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Images/s of the input paths: from stored images to device-ready training batches of ``resolution`` pixels.
+
+Paths (``--paths``):
+- ``pil``: the reference's way for CIFAR-100: per sample in the workers, a PIL image, ``RandomResizedCrop`` +
+  flip + ``ToTensor`` at full resolution, collated float batches copied to the device.
+- ``tensor``: decoded ``uint8`` images kept as one tensor; workers only index (per-sample ``__getitem__``, default
+  collate); the small ``uint8`` batch goes to the device and :class:`DeviceAugment` crops, flips and resizes it there.
+- ``tensor-batched``: as ``tensor``, but the dataset answers a whole batch with one gather (``__getitems__``).
+- ``avalanche``: as ``tensor``, through the Avalanche experience dataset the strategy iterates (its wrapper and collate).
+- ``folder``: JPEG files decoded in the workers, reference transforms per sample (ImageNet-R / DomainNet style).
+- ``folder-cached``: as ``folder`` through a :class:`ResizeCache` (shorter side ``--cache-size``); measured on a
+  second pass, after the first has filled the cache.
+
+CIFAR-like images are random 32 x 32 ``uint8`` unless ``--cifar-root`` points at a ``cifar-100-python`` folder; the
+folder paths use ``--folder`` or, by default, synthetic JPEGs written to a temporary folder (``--folder-size``).
+
+CPU (CI-sized): python benchmarks/dataloader.py --resolution 64 --batch 16 --batches 3 --workers 0 --images 256
+GPU:            python benchmarks/dataloader.py --device cuda --resolution 224 --batch 128 --batches 50 --workers 8 \
+                    --out dataloader_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+PATHS = ("pil", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {','.join(PATHS)} (default all)")
+    p.add_argument("--resolution", type=int, default=224, help="output side (default 224)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=10, help="timed batches per path (default 10)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--images", type=int, default=2048, help="synthetic CIFAR-like images (default 2048)")
+    p.add_argument("--cifar-root", type=Path, default=None, help="use the real CIFAR-100 training set from here")
+    p.add_argument("--folder", type=Path, default=None, help="an image folder root/<class>/*.jpg for the folder paths")
+    p.add_argument("--folder-images", type=int, default=None, help="synthetic JPEGs to write (default: enough for the run)")
+    p.add_argument("--folder-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
+                   help="synthetic JPEG size (default 500 375, typical of ImageNet-R)")
+    p.add_argument("--cache-size", type=int, default=256, help="shorter side kept by the resize cache (default 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to replace an existing file")
+    args = p.parse_args(argv)
+    args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
+    bad = [s for s in args.paths if s not in PATHS]
+    if bad or not args.paths:
+        raise UsageError(f"--paths must list some of {', '.join(PATHS)}, got {bad or 'nothing'}")
+    for name in ("resolution", "batch", "batches", "images", "cache_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if min(args.folder_size) < 1:
+        raise UsageError(f"--folder-size must be positive, got {args.folder_size}")
+    if args.folder is not None and not args.folder.is_dir():
+        raise UsageError(f"--folder {args.folder} is not a directory")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a torch device (use cpu or cuda)") from None
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available on this machine")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise UsageError(f"{args.out} exists; pass --overwrite to replace it or choose another --out")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- data sources
+class PILFromTensor(torch.utils.data.Dataset):
+    """Like torchvision's CIFAR100: uint8 arrays turned into PIL images per item, then the transform."""
+
+    def __init__(self, images: torch.Tensor, targets: list[int], transform: Callable) -> None:
+        self.data = images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+def cifar_like(args: argparse.Namespace) -> tuple[torch.Tensor, list[int], str]:
+    if args.cifar_root is not None:
+        from inflora_avalanche.device_augment import cifar100_uint8
+
+        ds = cifar100_uint8(args.cifar_root, train=True)
+        return ds.images, ds.targets, f"CIFAR-100 train ({len(ds)} images) from {args.cifar_root}"
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    targets = torch.randint(0, 100, (args.images,), generator=gen).tolist()
+    return images, targets, f"{args.images} random 32x32 uint8 images"
+
+
+def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int) -> None:
+    """``count`` JPEGs of smooth random content in 10 class folders (random noise would not compress like photos)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(count):
+        folder = root / f"class{i % 10:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, size=(max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def _loader(ds: Any, args: argparse.Namespace, collate: Optional[Callable] = None) -> torch.utils.data.DataLoader:
+    kwargs: dict[str, Any] = dict(batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
+                                  pin_memory=args.device.type == "cuda",
+                                  generator=torch.Generator().manual_seed(args.seed))
+    if collate is not None:
+        kwargs["collate_fn"] = collate
+    if args.workers:
+        kwargs["persistent_workers"] = True
+        kwargs["prefetch_factor"] = 4
+    return torch.utils.data.DataLoader(ds, **kwargs)
+
+
+def _cycle(loader: Iterable) -> Iterable:
+    while True:
+        yield from loader
+
+
+def measure_loader(
+    loader: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor], args: argparse.Namespace
+) -> dict:
+    """Images/s over ``--batches`` batches after one warm-up batch (worker start-up timed apart)."""
+    device = args.device
+    start = time.perf_counter()
+    it = iter(_cycle(loader))
+    out = prepare(next(it)[0].to(device, non_blocking=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - start
+    checksum = torch.zeros((), device=device)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        out = prepare(next(it)[0].to(device, non_blocking=True))
+        checksum += out[:, :, 0, 0].sum()  # keeps the work from being skipped; summed on the device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    shape = list(out.shape)
+    del it
+    return {"img_s": args.batch * args.batches / seconds, "first_batch_s": first, "batch_shape": shape,
+            "dtype": str(out.dtype).replace("torch.", ""), "finite": bool(torch.isfinite(checksum))}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from torchvision import transforms as T
+
+    from inflora_avalanche.cached_folder import CachedImageFolder, ResizeCache
+    from inflora_avalanche.device_augment import (
+        BatchedTensorImageDataset,
+        DeviceAugment,
+        batched_collate,
+    )
+    from inflora_avalanche.benchmarks.common import TensorImageDataset
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    res = args.resolution
+    reference_tf = T.Compose([T.RandomResizedCrop(res), T.RandomHorizontalFlip(), T.ToTensor()])
+    augment = DeviceAugment(res, seed=args.seed)
+    on_device = lambda x: augment(x, True)  # noqa: E731
+    as_is = lambda x: x  # noqa: E731
+    results: dict[str, dict] = {}
+    sources: dict[str, str] = {}
+    images = targets = None
+    if any(p in args.paths for p in ("pil", "tensor", "tensor-batched", "avalanche")):
+        images, targets, sources["cifar"] = cifar_like(args)
+    tmp: Optional[tempfile.TemporaryDirectory] = None
+    folder = args.folder
+    if folder is None and any(p.startswith("folder") for p in args.paths):
+        tmp = tempfile.TemporaryDirectory(prefix="inflora_dl_")
+        folder = Path(tmp.name) / "images"
+        count = args.folder_images or args.batch * (args.batches + 1)
+        write_jpegs(folder, count, tuple(args.folder_size), args.seed)
+        sources["folder"] = f"{count} synthetic {args.folder_size[0]}x{args.folder_size[1]} JPEGs"
+    elif folder is not None:
+        sources["folder"] = str(folder)
+    try:
+        for path in args.paths:
+            print(f"  measuring {path} ...", file=sys.stderr)
+            if path == "pil":
+                loader = _loader(PILFromTensor(images, targets, reference_tf), args)
+                results[path] = measure_loader(loader, as_is, args)
+            elif path == "tensor":
+                results[path] = measure_loader(_loader(TensorImageDataset(images, targets), args), on_device, args)
+            elif path == "tensor-batched":
+                ds = BatchedTensorImageDataset(images, targets)
+                results[path] = measure_loader(_loader(ds, args, batched_collate), on_device, args)
+            elif path == "avalanche":
+                from avalanche.benchmarks import nc_benchmark
+
+                ds = TensorImageDataset(images, targets)
+                bench = nc_benchmark(ds, ds, n_experiences=1, task_labels=False, shuffle=False)
+                exp_ds = bench.train_stream[0].dataset.train()
+                loader = _loader(exp_ds, args, getattr(exp_ds, "collate_fn", None))
+                results[path] = measure_loader(loader, on_device, args)
+            elif path == "folder":
+                ds = CachedImageFolder.from_folder(folder, reference_tf)
+                results[path] = measure_loader(_loader(ds, args), as_is, args)
+            elif path == "folder-cached":
+                cache_dir = tempfile.mkdtemp(prefix="inflora_cache_", dir=tmp.name if tmp else None)
+                ds = CachedImageFolder.from_folder(folder, reference_tf, ResizeCache(cache_dir, args.cache_size))
+                fill_start = time.perf_counter()
+                for i in range(len(ds)):  # fill the cache (one decode per file)
+                    ds.cache.load(ds.samples[i][0])
+                fill = time.perf_counter() - fill_start
+                results[path] = measure_loader(_loader(ds, args), as_is, args)
+                results[path]["cache_fill_img_s"] = len(ds) / fill
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    report = {
+        "benchmark": "dataloader",
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "config": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "device": str(args.device),
+                        **({"device_name": torch.cuda.get_device_name(args.device)}
+                           if args.device.type == "cuda" else {})},
+        "sources": sources,
+        "results": results,
+    }
+    print(f"{'path':>15} {'img/s':>10} {'first batch s':>14}  batch")
+    for name, r in results.items():
+        print(f"{name:>15} {r['img_s']:>10.1f} {r['first_batch_s']:>14.2f}  {r['batch_shape']} {r['dtype']}")
+    if "pil" in results and "tensor" in results:
+        print(f"tensor + device augment vs PIL per sample: x{results['tensor']['img_s'] / results['pil']['img_s']:.2f}")
+    if "folder" in results and "folder-cached" in results:
+        print(f"folder with resize cache vs decoding: x{results['folder-cached']['img_s'] / results['folder']['img_s']:.2f}")
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+        report = run(args)
+    except UsageError as err:
+        print(f"dataloader.py: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # missing data, unreadable images
+        print(f"dataloader.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
