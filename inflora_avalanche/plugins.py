@@ -9,6 +9,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
+from .distributed import all_reduce_sum_, broadcast_
 from .model import InfLoRAViT
 from .subspace import (
     MEMORY_ALGORITHMS,
@@ -48,7 +49,8 @@ def collect_input_covariances(
     """One no-grad pass of ``model`` over ``batches``; the uncentred covariance of every adapted ``qkv``'s input.
 
     Each batch is an Avalanche minibatch (inputs first) or a tensor. Covariances are summed in float32 on ``device``
-    outside autocast and returned in float64. ``prepare`` maps the inputs on the device before the forward (e.g. the
+    outside autocast and returned in float64. Under ``torch.distributed`` each rank passes over its shard and the sums
+    are all-reduced before anything is decomposed, so every rank gets the covariance of the whole data. ``prepare`` maps the inputs on the device before the forward (e.g. the
     strategy's batched augmentation).
     """
     accumulators = {name: CovarianceAccumulator(adapter.in_features) for name, adapter in model.adapters()}
@@ -75,10 +77,16 @@ def collect_input_covariances(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for acc in accumulators.values():
+        if acc.sum is None:  # a rank whose shard was empty still joins the all-reduce
+            acc.sum = torch.zeros(acc.dim, acc.dim, device=device)
+            acc.count = torch.zeros((), device=device, dtype=torch.float64)
+        all_reduce_sum_(acc.sum)
+        all_reduce_sum_(acc.count)
     return {name: acc.covariance() for name, acc in accumulators.items()}
 
 
-class SubspaceUpdatePlugin(SupervisedPlugin):
+class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
     """Designs each new task's down-projections before training and updates the subspace memory after it.
 
     Before a training experience: one no-grad pass over its training data gives every adapted layer's input
@@ -121,6 +129,7 @@ class SubspaceUpdatePlugin(SupervisedPlugin):
         covariances = self._covariances(strategy, model)
         for name, adapter in model.adapters():
             adapter.set_down(self.design_down(name, covariances[name], adapter.rank))
+            broadcast_(adapter.down)  # all ranks decomposed the same matrix; rank 0's result makes them bit-identical
 
     def design_down(self, name: str, covariance: torch.Tensor, rank: int) -> torch.Tensor:
         """The new branch's ``down`` for layer ``name`` (override for ablations, e.g. a random subspace)."""

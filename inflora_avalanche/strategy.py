@@ -7,11 +7,16 @@ from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
+from avalanche.benchmarks.utils.data_loader import collate_from_data_or_kwargs
 from avalanche.core import BasePlugin
-from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
+from . import distributed as ddp
 from .model import UNSEEN_CLASS_LOGIT, BlockSelection, InfLoRAViT
 from .plugins import SubspaceUpdatePlugin, unwrap_model
 from .subspace import MEMORY_ALGORITHMS, validate_thresholds
@@ -43,6 +48,15 @@ def infer_num_classes(experience: Any) -> Optional[int]:
     return max(labels) + 1 if labels else None
 
 
+def _silent_default_evaluator() -> EvaluationPlugin:
+    """Avalanche's default metrics without loggers (for ranks other than 0)."""
+    return EvaluationPlugin(
+        accuracy_metrics(epoch=True, experience=True, stream=True),
+        loss_metrics(epoch=True, experience=True, stream=True),
+        loggers=[],
+    )
+
+
 class InfLoRAStrategy(SupervisedTemplate):
     """InfLoRA: per task, train low-rank key/value branches whose inputs avoid the old tasks' subspace.
 
@@ -62,6 +76,10 @@ class InfLoRAStrategy(SupervisedTemplate):
         input_transform: ``f(x, training) -> x`` applied to each minibatch on the device before the model (batched
             augmentation on the accelerator); the covariance passes use it with ``training=True``.
         Other keyword arguments are those of ``SupervisedTemplate``.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``), ``train_mb_size`` and ``eval_mb_size`` stay global batch sizes:
+    each rank takes its share, trains through ``DistributedDataParallel`` and sees the gathered evaluation outputs,
+    so metrics and results do not depend on the number of processes.
     """
 
     def __init__(
@@ -109,6 +127,11 @@ class InfLoRAStrategy(SupervisedTemplate):
         validate_thresholds(lamb, lame)
         if train_mb_size < 1 or train_epochs < 1:
             raise ValueError(f"train_mb_size and train_epochs must be >= 1, got {train_mb_size}, {train_epochs}")
+        if train_mb_size % ddp.world_size():
+            raise ValueError(
+                f"train_mb_size={train_mb_size} must divide by the number of processes ({ddp.world_size()}): "
+                "it is the global batch, split evenly across ranks"
+            )
         if rank is not None or adapted_blocks is not None:
             inner.configure(rank=rank, adapted_blocks=adapted_blocks)
 
@@ -132,6 +155,10 @@ class InfLoRAStrategy(SupervisedTemplate):
         self.lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self._local_targets: Optional[torch.Tensor] = None
         self._current_columns: Optional[torch.Tensor] = None
+        self._eval_seen = 0  # per-rank samples evaluated in the current experience (distributed gathering)
+        self._eval_size = 0
+        if evaluator is default_evaluator and not ddp.is_main_process():
+            evaluator = _silent_default_evaluator  # Avalanche refuses loggers outside rank 0
         placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)  # replaced in make_optimizer
         super().__init__(
             model=model,
@@ -180,6 +207,11 @@ class InfLoRAStrategy(SupervisedTemplate):
             local[torch.tensor(classes)] = torch.arange(len(classes))
             self._local_targets = local.to(self.device)
             self._current_columns = torch.tensor(classes, dtype=torch.long, device=self.device)
+            if ddp.is_distributed():
+                # Re-wrapped per task: the trainable parameters are new. Wrapping broadcasts rank 0's weights.
+                inner.to(self.device)
+                device_ids = [self.device] if torch.device(self.device).type == "cuda" else None
+                return DistributedDataParallel(inner, device_ids=device_ids, broadcast_buffers=False)
         return model.to(self.device)
 
     def make_optimizer(self, **kwargs: Any) -> None:
@@ -199,6 +231,58 @@ class InfLoRAStrategy(SupervisedTemplate):
             )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
+    # ----------------------------------------------------------------------------------------------- data
+    def make_train_dataloader(
+        self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
+        persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any,
+    ) -> None:
+        if not ddp.is_distributed():
+            return super().make_train_dataloader(
+                num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+                persistent_workers=persistent_workers, drop_last=drop_last, **kwargs,
+            )
+        sampler = DistributedSampler(self.adapted_dataset, shuffle=shuffle, drop_last=drop_last)
+        self.dataloader = self._distributed_loader(
+            sampler, self.train_mb_size, num_workers, pin_memory, persistent_workers, drop_last
+        )
+
+    def make_eval_dataloader(
+        self, num_workers: int = 0, pin_memory: Optional[bool] = None, persistent_workers: bool = False, **kwargs: Any
+    ) -> None:
+        if not ddp.is_distributed():
+            return super().make_eval_dataloader(
+                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers, **kwargs
+            )
+        # Padded, unshuffled shards: equal batch counts on every rank; the padding is dropped after gathering.
+        sampler = DistributedSampler(self.adapted_dataset, shuffle=False, drop_last=False)
+        self._eval_seen, self._eval_size = 0, len(self.adapted_dataset)
+        self.dataloader = self._distributed_loader(
+            sampler, self.eval_mb_size, num_workers, pin_memory, persistent_workers, False
+        )
+
+    def _distributed_loader(
+        self, sampler: DistributedSampler, global_batch: int, num_workers: int, pin_memory: Optional[bool],
+        persistent_workers: bool, drop_last: bool,
+    ) -> DataLoader:
+        args: dict[str, Any] = {}
+        collate_from_data_or_kwargs(self.adapted_dataset, args)
+        return DataLoader(
+            self.adapted_dataset,
+            batch_size=max(1, global_batch // ddp.world_size()),
+            sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=torch.device(self.device).type == "cuda" if pin_memory is None else pin_memory,
+            persistent_workers=persistent_workers and num_workers > 0,
+            drop_last=drop_last,
+            **args,
+        )
+
+    def _before_training_epoch(self, **kwargs: Any) -> None:
+        sampler = getattr(self.dataloader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(self.clock.train_exp_epochs)
+        super()._before_training_epoch(**kwargs)
+
     def _lr_factor(self, epoch: int) -> float:
         if self.lr_schedule == "cosine":
             return reference_cosine_factor(epoch, self.train_epochs)
@@ -217,14 +301,32 @@ class InfLoRAStrategy(SupervisedTemplate):
         return x if self.input_transform is None else self.input_transform(x, training)
 
     def forward(self) -> torch.Tensor:
+        model = self.model if self.is_training else unwrap_model(self.model)
         with self.autocast():
-            out = self.model(self.prepare_input(self.mb_x, self.is_training))
-        if not self.is_training and unwrap_model(self.model).num_classes is None:
+            out = model(self.prepare_input(self.mb_x, self.is_training))
+        if self.is_training:
+            return out
+        if ddp.is_distributed():
+            out = self._gather_eval_batch(out)
+        if unwrap_model(self.model).num_classes is None:
             # The model does not know the stream's label range: widen with unseen-class logits.
             missing = int(self.mb_y.max()) + 1 - out.shape[1]
             if missing > 0:
                 out = torch.cat([out, out.new_full((out.shape[0], missing), UNSEEN_CLASS_LOGIT)], dim=1)
         return out
+
+    def _gather_eval_batch(self, out: torch.Tensor) -> torch.Tensor:
+        """Every rank's outputs and labels of this batch, in dataset order, without the sampler's padding."""
+        local = out.shape[0]
+        world = ddp.world_size()
+        positions = (self._eval_seen + torch.arange(local, device=out.device)).repeat_interleave(world) * world
+        positions += torch.arange(world, device=out.device).repeat(local)
+        keep = positions < self._eval_size
+        self._eval_seen += local
+        gathered = ddp.gather_interleaved(out)[keep]
+        self.mbatch[1] = ddp.gather_interleaved(self.mbatch[1])[keep]
+        self.mbatch[-1] = ddp.gather_interleaved(self.mbatch[-1])[keep]
+        return gathered
 
     def criterion(self) -> torch.Tensor:
         if self.is_training and self._current_columns is not None:

@@ -1,0 +1,51 @@
+"""Thin helpers over ``torch.distributed`` (DDP, samplers, collectives); all are no-ops in a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process (e.g. under ``torchrun``)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that logs and writes results and checkpoints."""
+    return rank() == 0
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` with rank ``src``'s values, in place."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def gather_interleaved(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equally sized ``tensor`` so that item ``j`` of rank ``r`` lands at ``j * world + r``.
+
+    That is the dataset order of ``DistributedSampler(shuffle=False)`` shards.
+    """
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    stacked = torch.stack(parts, dim=1)  # (items, world, ...)
+    return stacked.reshape(-1, *tensor.shape[1:])
