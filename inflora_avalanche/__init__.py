@@ -1,22 +1,42 @@
-"""InfLoRA (Interference-Free Low-Rank Adaptation, CVPR 2024) for Avalanche."""
+"""InfLoRA (Interference-Free Low-Rank Adaptation, CVPR 2024) for Avalanche.
 
-from .lora import InfLoRAQKV
-from .model import InfLoRAViT, WeightsUnavailableError, create_backbone
-from .plugins import SubspaceUpdatePlugin
-from .strategy import InfLoRAStrategy
-from .subspace import CovarianceAccumulator, LayerMemory, design_down_projection, energy_threshold, update_memory
+Names are imported on first use, so that command-line tools can validate their arguments before paying for the
+import of Avalanche and timm.
+"""
 
-__all__ = [
-    "InfLoRAQKV",
-    "InfLoRAViT",
-    "InfLoRAStrategy",
-    "SubspaceUpdatePlugin",
-    "CovarianceAccumulator",
-    "LayerMemory",
-    "WeightsUnavailableError",
-    "create_backbone",
-    "design_down_projection",
-    "energy_threshold",
-    "update_memory",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "InfLoRAQKV": "lora",
+    "InfLoRAViT": "model",
+    "WeightsUnavailableError": "model",
+    "create_backbone": "model",
+    "SubspaceUpdatePlugin": "plugins",
+    "InfLoRAStrategy": "strategy",
+    "CovarianceAccumulator": "subspace",
+    "LayerMemory": "subspace",
+    "design_down_projection": "subspace",
+    "energy_threshold": "subspace",
+    "update_memory": "subspace",
+    "ClassifierAlignmentPlugin": "alignment",
+    "SubspaceDiagnosticsPlugin": "diagnostics",
+    "export_timm_checkpoint": "export",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
