@@ -21,15 +21,19 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+from avalanche.core import SupervisedPlugin
 from avalanche.evaluation import PluginMetric
 
+from . import distributed as ddp
 from .benchmarks import DataUnavailableError, ImageLoadError, StreamInfo
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .model import WeightsUnavailableError
 from .results import aggregate, format_summary, plot_accuracy_curve, plot_accuracy_matrix, seed_result
 
@@ -97,6 +101,9 @@ DEFAULTS: dict[str, Any] = {
     "cpu_threads": None,  # torch.set_num_threads; 1 avoids oversubscription for tiny models on shared CPUs
     "out": None,
     "overwrite": False,
+    "resume": False,
+    "train_shuffle": True,  # False: unshuffled training batches (tests comparing 1 and N processes)
+    "deterministic": False,  # torch.use_deterministic_algorithms (see docs/reliability.md)
     "progress": True,
     "demo": False,
     "published": {},
@@ -110,7 +117,21 @@ class ConfigError(ValueError):
     """A mistake in the presets or options; the message says what to change."""
 
 
-USER_ERRORS = (ConfigError, DataUnavailableError, ImageLoadError, WeightsUnavailableError, FileNotFoundError)
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names seed, experience and iteration."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, DataUnavailableError, ImageLoadError, WeightsUnavailableError,
+               FileNotFoundError)
+CHECKPOINT_NAME = "checkpoint.safetensors"
+# Config keys that may change between a run and its --resume: they do not change what is computed.
+RESUME_FREE_KEYS = {"device", "num_workers", "progress", "cpu_threads", "out", "overwrite", "resume", "download",
+                    "data_root", "weights", "split_manifest", "eval_batch_size", "description", "published", "demo"}
+# Keys that define the run (stream, model, memory): a checkpoint made with other values is refused.
+RESUME_IDENTITY_KEYS = {"preset", "benchmark", "n_experiences", "class_order", "classes", "max_train_per_class",
+                        "max_test_per_class", "test_fraction", "split_seed", "domains", "resolution", "normalize",
+                        "mean", "std", "backbone", "backbone_kwargs", "pretrained", "rank", "adapted_blocks",
+                        "reset_final_norm", "memory", "lamb", "lame", "seeds"}
 
 
 def register_plugin(key: str, factory: PluginFactory, default: Any = None) -> None:
@@ -216,7 +237,35 @@ def validate_config(config: dict) -> dict:
             _check(Path(c[key]).expanduser().is_file(), f"--{key.replace('_', '-')} {c[key]}: no such file")
     if c["device"] != "auto" and str(c["device"]).startswith("cuda"):
         _check(torch.cuda.is_available(), f"device {c['device']} requested but CUDA is not available; use --device cpu")
+    from .subspace import validate_thresholds
+
+    try:
+        validate_thresholds(c["lamb"], c["lame"])
+    except ValueError as err:
+        raise ConfigError(f"{err} (set them with --set lamb=... --set lame=...)") from None
+    known = FIXED_CLASS_COUNTS.get(c["benchmark"])
+    if known is not None:
+        _check(known % c["n_experiences"] == 0,
+               f"the {known} classes of {c['benchmark']} cannot be split evenly into {c['n_experiences']} experiences; "
+               f"choose --experiences among {[n for n in range(1, known + 1) if known % n == 0]}")
+    _check(not (c["resume"] and c["overwrite"]),
+           "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
+    for key in ("overwrite", "resume", "train_shuffle", "deterministic", "progress"):
+        _check(isinstance(c[key], bool), f"{key} must be true or false, got {c[key]!r}")
     return config
+
+
+FIXED_CLASS_COUNTS = {"split_cifar100": 100, "digits": 10}
+
+
+def check_model(config: dict) -> None:
+    """Build the model's structure (on the meta device: no memory, no compute) to check the backbone name, rank and
+    adapted blocks; with ``weights``, build it for real on the CPU to check the file fits the architecture."""
+    if config["weights"]:
+        build_model(config)
+        return
+    with torch.device("meta"):
+        build_model({**config, "pretrained": False})
 
 
 # --------------------------------------------------------------------------------------------------- builders
@@ -364,20 +413,29 @@ def build_config_plugins(config: dict) -> list:
     return plugins
 
 
-def build_evaluator(config: dict, log_dir: Optional[Path] = None, extra_metrics: Sequence[Any] = ()):
+def build_evaluator(config: dict, log_dir: Optional[Path] = None, extra_metrics: Sequence[Any] = (),
+                    resume: bool = False):
     """``(EvaluationPlugin, loggers)``: accuracy, loss, forgetting and task-aware accuracy metrics, with interactive
-    (progress bars, unless ``progress`` is off), text, CSV and TensorBoard loggers writing into ``log_dir``."""
+    (progress bars, unless ``progress`` is off), text, CSV and TensorBoard loggers writing into ``log_dir``.
+
+    Only the main process logs (Avalanche refuses loggers elsewhere). With ``resume`` the text log is appended to and
+    the CSV logs go to a new ``csv_resumeN`` folder (Avalanche's CSV logger would truncate the old files)."""
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
     from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
 
     loggers: list = []
-    if config["progress"]:
+    if config["progress"] and ddp.is_main_process():
         loggers.append(InteractiveLogger())
-    if log_dir is not None:
+    if log_dir is not None and ddp.is_main_process():
         log_dir.mkdir(parents=True, exist_ok=True)
-        loggers.append(TextLogger(open(log_dir / "log.txt", "w")))
-        loggers.append(CSVLogger(log_folder=str(log_dir / "csv")))
+        loggers.append(TextLogger(open(log_dir / "log.txt", "a" if resume else "w")))
+        csv_dir = log_dir / "csv"
+        if resume:
+            n = 1
+            while csv_dir.exists():
+                csv_dir, n = log_dir / f"csv_resume{n}", n + 1
+        loggers.append(CSVLogger(log_folder=str(csv_dir)))
         loggers.append(TensorboardLogger(tb_log_dir=str(log_dir / "tensorboard")))
     evaluator = EvaluationPlugin(
         accuracy_metrics(epoch=True, experience=True, stream=True),
@@ -510,17 +568,160 @@ def set_seed(seed: int) -> None:
     RNGManager.set_random_seeds(seed)
 
 
+def set_determinism(config: dict) -> None:
+    """``deterministic``: deterministic torch kernels (cuBLAS needs its workspace setting before the first call)."""
+    if config["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
 def loader_kwargs(config: dict, device: str) -> dict:
     workers = config["num_workers"]
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    return {"num_workers": workers, "pin_memory": device.startswith("cuda"), "persistent_workers": False}
+    kwargs = {"num_workers": workers, "pin_memory": device.startswith("cuda"), "persistent_workers": False}
+    return kwargs
 
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+class FiniteLossGuard(SupervisedPlugin, supports_distributed=True):
+    """Stops training when the loss becomes NaN or infinite, naming the experience and the iteration.
+
+    The first bad iteration is tracked on the loss's device (no host sync per step) and read every ``check_every``
+    iterations and at the end of each epoch, with one ``.item()`` (and, under ``torch.distributed``, one all-reduce,
+    so that every rank stops at the same check).
+    """
+
+    _NONE = 2**62
+
+    def __init__(self, check_every: int = 20, seed: Optional[int] = None) -> None:
+        super().__init__()
+        self.check_every = check_every
+        self.seed = seed
+        self._first: Optional[torch.Tensor] = None
+        self._counter: Optional[torch.Tensor] = None
+        self._iterations = 0
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._first = self._counter = None
+        self._iterations = 0
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        loss = strategy.loss.detach()
+        if self._counter is None:
+            self._counter = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._first = torch.full((), self._NONE, dtype=torch.long, device=loss.device)
+        self._counter += 1
+        self._iterations += 1
+        bad = ~torch.isfinite(loss).all()
+        self._first = torch.minimum(self._first, torch.where(bad, self._counter, self._NONE))
+        if self._iterations % self.check_every == 0:
+            self.check(strategy)
+
+    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.check(strategy)
+
+    def check(self, strategy: Any) -> None:
+        if self._first is None:
+            return
+        first = self._first.clone()
+        if ddp.is_distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        iteration = int(first.item())
+        if iteration == self._NONE:
+            return
+        per_epoch = max(1, len(strategy.dataloader))
+        exp = strategy.experience.current_experience
+        n_exp = len(strategy.experience.origin_stream) if hasattr(strategy.experience, "origin_stream") else "?"
+        seed = "" if self.seed is None else f"seed {self.seed}, "
+        raise NonFiniteLossError(
+            f"the training loss is not finite (NaN or inf) at {seed}experience {exp + 1}/{n_exp}, iteration "
+            f"{iteration} (epoch {(iteration - 1) // per_epoch + 1}); lower the learning rate (--set lr=...) or "
+            "check the inputs"
+        )
+
+
+def backbone_fingerprint(model: Any) -> float:
+    """A float64 sum of the frozen backbone's parameters outside the adapted ``qkv`` layers (which InfLoRA changes):
+    tells whether a checkpoint was made on the same backbone weights."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, param in model.backbone.named_parameters():
+        if ".attn.qkv." not in name:
+            total += param.detach().to("cpu", torch.float64).sum()
+    return float(total)
+
+
+def _checkpointed_model_state(model: Any) -> dict:
+    """The model entries InfLoRA changes: heads, branches, merged ``qkv`` weights and the structure (extra state)."""
+    from .plugins import unwrap_model
+
+    state = unwrap_model(model).state_dict()
+    return {k: v for k, v in state.items() if not k.startswith("backbone.") or ".attn.qkv." in k}
+
+
+def _stateful_plugins(strategy: Any) -> dict[str, Any]:
+    """This package's plugins of ``strategy`` that have ``state_dict``/``load_state_dict``, by a stable key."""
+    out = {}
+    for i, plugin in enumerate(strategy.plugins):
+        if type(plugin).__module__.startswith("inflora_avalanche") and callable(getattr(plugin, "state_dict", None)) \
+                and callable(getattr(plugin, "load_state_dict", None)):
+            out[f"{i}:{type(plugin).__name__}"] = plugin
+    return out
+
+
+def _forgetting_metrics(strategy: Any) -> list:
+    from avalanche.evaluation.metrics.forgetting_bwt import GenericExperienceForgetting
+
+    return [m for m in strategy.evaluator.metrics if isinstance(m, GenericExperienceForgetting)]
+
+
+def strategy_state(strategy: Any) -> dict:
+    """What a resumed run needs from ``strategy`` between two experiences (no optimiser: it is rebuilt per task)."""
+    return {
+        "model": _checkpointed_model_state(strategy.model),
+        "plugins": {key: plugin.state_dict() for key, plugin in _stateful_plugins(strategy).items()},
+        "clock": {k: v for k, v in vars(strategy.clock).items() if _is_int(v)},
+        "forgetting": [{"initial": dict(m.forgetting.initial), "last": dict(m.forgetting.last)}
+                       for m in _forgetting_metrics(strategy)],
+    }
+
+
+def load_strategy_state(strategy: Any, state: dict) -> None:
+    """Restore :func:`strategy_state` into a freshly built strategy of the same config."""
+    from .plugins import unwrap_model
+
+    model = unwrap_model(strategy.model)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.") or ".attn.qkv." in k]
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint's model does not fit this model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}); resume with the settings of the run that wrote it")
+    plugins = _stateful_plugins(strategy)
+    if set(plugins) != set(state["plugins"]):
+        raise CheckpointError(f"the checkpoint holds plugin states {sorted(state['plugins'])} but this run has "
+                              f"{sorted(plugins)}; resume with the settings of the run that wrote it")
+    device = torch.device(strategy.device)
+    for key, plugin in plugins.items():
+        try:
+            plugin.load_state_dict(state["plugins"][key])
+        except ValueError as err:
+            raise CheckpointError(f"cannot restore {key.split(':', 1)[1]}: {err}") from None
+        if callable(getattr(plugin, "to", None)):
+            plugin.to(device)
+    for key, value in state["clock"].items():
+        setattr(strategy.clock, key, value)
+    metrics = _forgetting_metrics(strategy)
+    for metric, saved in zip(metrics, state["forgetting"]):
+        metric.forgetting.initial = {int(k): float(v) for k, v in saved["initial"].items()}
+        metric.forgetting.last = {int(k): float(v) for k, v in saved["last"].items()}
 
 
 ExperienceCallback = Callable[[int, Any, dict], None]
@@ -535,30 +736,56 @@ def run_seed(
     extra_plugins: Iterable[Any] = (),
     on_experience_end: Optional[ExperienceCallback] = None,
     log: Callable[[str], None] = print,
+    resume: Optional[dict] = None,
 ) -> dict:
     """Train on ``bench``'s experiences with one seed; after each, evaluate on every seen test experience.
 
     Returns :func:`results.seed_result`'s dict (also written to ``seed_dir/metrics.json`` after every experience).
     ``on_experience_end(t, strategy, partial_result)`` runs after experience ``t`` (e.g. to save a checkpoint).
+    ``resume``: a checkpoint's seed state (``{"result", "strategy", "rng", "fingerprint"}``) to continue from; the
+    experiences it holds are skipped.
     """
     set_seed(seed)
     device = resolve_device(config)
     model = build_model(config, num_classes=info.num_classes)
-    evaluator, loggers = build_evaluator(config, seed_dir)
-    strategy = build_strategy(config, model, evaluator, extra_plugins)
+    fingerprint = backbone_fingerprint(model)
+    evaluator, loggers = build_evaluator(config, seed_dir if ddp.is_main_process() else None,
+                                         resume=resume is not None)
+    guard = FiniteLossGuard(seed=seed)
+    strategy = build_strategy(config, model, evaluator, [*extra_plugins, guard])
+    strategy.backbone_fingerprint = fingerprint
     loader = loader_kwargs(config, device)
+    train_loader = {**loader, "shuffle": bool(config["train_shuffle"])}
     test_sizes = [len(exp.dataset) for exp in bench.test_stream]
+    T = len(bench.train_stream)
     matrix: list[list[Optional[float]]] = []
     ta_matrix: list[list[Optional[float]]] = []
     extra: dict[str, list] = {"train_time_s": [], "eval_time_s": [], "avalanche_stream_accuracy": [],
                               "avalanche_stream_forgetting": []}
-    T = len(bench.train_stream)
     result: dict = {}
+    done = 0
+    previous_runtime = 0.0
+    if resume is not None:
+        if resume["fingerprint"] != fingerprint:
+            raise CheckpointError(
+                "the backbone weights differ from those the checkpoint was trained on; resume with the same "
+                "--weights / backbone, or start a new --out")
+        result = resume["result"]
+        done = int(result["experiences_done"])
+        matrix = [list(row) for row in result["accuracy_matrix"]]
+        ta_matrix = [list(row) for row in result["task_aware_matrix"]]
+        extra = {key: list(result[key]) for key in extra}
+        previous_runtime = float(result.get("runtime_s", 0.0))
+        load_strategy_state(strategy, resume["strategy"])
+        set_rng_state(resume["rng"])
+        log(f"[seed {seed}] resuming after experience {done}/{T}")
     started = time.perf_counter()
     try:
         for t, experience in enumerate(bench.train_stream):
+            if t < done:
+                continue
             t0 = time.perf_counter()
-            strategy.train(experience, **loader)
+            strategy.train(experience, **train_loader)
             t1 = time.perf_counter()
             metrics = strategy.eval(bench.test_stream[: t + 1], **loader)
             t2 = time.perf_counter()
@@ -573,8 +800,8 @@ def run_seed(
             extra["avalanche_stream_accuracy"].append(100.0 * _metric(metrics, "Top1_Acc_Stream/eval_phase/test_stream"))
             extra["avalanche_stream_forgetting"].append(100.0 * _metric(metrics, "StreamForgetting/eval_phase/test_stream"))
             result = seed_result(matrix, test_sizes, ta_matrix, seed=seed, experiences_done=t + 1,
-                                 runtime_s=time.perf_counter() - started, **extra)
-            if seed_dir is not None:
+                                 runtime_s=previous_runtime + time.perf_counter() - started, **extra)
+            if seed_dir is not None and ddp.is_main_process():
                 _write_json(seed_dir / "metrics.json", result)
             log(
                 f"[seed {seed}] experience {t + 1}/{T}: A_t {result['A_t'][-1]:.2f}%  task-aware "
@@ -593,22 +820,112 @@ def run_seed(
     return result
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def prepare_output_dir(config: dict) -> Path:
-    """The results folder (``--out`` or ``results/<preset>/<time>``); refuses a non-empty one unless ``overwrite``.
+    """The results folder (``--out`` or ``results/<preset>/<time>``), checked to be writable; refuses a non-empty one
+    unless ``overwrite`` or ``resume``.
 
     Nothing is created here; the caller creates it once the inputs have been checked.
     """
     out = config["out"]
     if out is None:
+        if config["resume"]:
+            raise ConfigError("--resume needs --out: the folder of the run to continue")
         out = Path("results") / config.get("preset", "run") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not config["overwrite"]:
-        raise ConfigError(
-            f"output folder {out} already holds results; choose another --out or pass --overwrite to write into it"
-        )
+    base = _nearest_existing(out.absolute())
+    if not base.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {base} is a file; give a folder path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".inflora-write-test", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"cannot write into {base} ({err.strerror or err}); choose a writable --out folder") from None
+    if out.is_dir() and any(out.iterdir()):
+        if config["resume"]:
+            if not (out / CHECKPOINT_NAME).is_file() and (out / "results.json").is_file():
+                raise ConfigError(f"{out} holds results but no {CHECKPOINT_NAME} to resume from; choose another --out "
+                                  "or pass --overwrite instead of --resume to start anew")
+        elif not config["overwrite"]:
+            raise ConfigError(
+                f"output folder {out} already holds results; choose another --out, pass --resume to continue that run "
+                "or --overwrite to write into it"
+            )
     return out
+
+
+def check_resume(config: dict, info: StreamInfo, checkpoint: dict, path: Path) -> dict:
+    """Refuse a checkpoint of another preset, backbone, stream or model; returns the other settings that changed
+    (``{key: (checkpoint's, this run's)}``)."""
+    saved = checkpoint["config"]
+    identity = ["preset", "backbone", "benchmark"]
+    identity += sorted((RESUME_IDENTITY_KEYS | set(PLUGIN_FACTORIES)) - set(identity))
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (tuples = lists)
+    for key in identity:
+        if not same(saved.get(key), config.get(key)):
+            raise CheckpointError(
+                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has {key}={config.get(key)!r}; "
+                "resume with the same settings, or choose another --out (or --overwrite) to start anew")
+    stream = {k: v for k, v in info.to_dict().items() if k in STREAM_KEYS}
+    for key in STREAM_KEYS:
+        if not same(checkpoint["stream"].get(key), stream.get(key)):
+            raise CheckpointError(
+                f"the data stream differs from the checkpoint's ({key}: {checkpoint['stream'].get(key)!r} there, "
+                f"{stream.get(key)!r} now); resume on the same data, or choose another --out")
+    return {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))
+            if k not in RESUME_FREE_KEYS and k not in identity and not same(saved.get(k), config.get(k))}
+
+
+STREAM_KEYS = ("name", "num_classes", "n_experiences", "class_order", "train_size", "test_size")
+
+
+def _on_main(step: Callable[[], Any]) -> Any:
+    """Run ``step`` on the main process; every rank gets its value, or raises its user error (one line)."""
+    value, error = None, None
+    if ddp.is_main_process():
+        try:
+            value = step()
+        except USER_ERRORS as err:
+            error = err
+    if ddp.is_distributed():
+        import torch.distributed as dist
+
+        box = [value, None if error is None else _one_line(error)]
+        dist.broadcast_object_list(box, src=0)
+        if error is None and box[1] is not None:
+            raise ConfigError(box[1])
+        value = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _on_all(step: Callable[[], Any]) -> Any:
+    """Run ``step`` on every rank; a user error on any rank is raised on all (so none waits in a collective)."""
+    value, error = None, None
+    try:
+        value = step()
+    except USER_ERRORS as err:
+        error = err
+    if ddp.is_distributed():
+        import torch.distributed as dist
+
+        messages: list = [None] * ddp.world_size()
+        dist.all_gather_object(messages, None if error is None else _one_line(error))
+        first = next((m for m in messages if m), None)
+        if error is None and first is not None:
+            raise ConfigError(first)
+    if error is not None:
+        raise error
+    return value
 
 
 def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], runtime_s: float) -> dict:
@@ -624,6 +941,7 @@ def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], r
         "runtime_s": runtime_s,
         "device": resolve_device(config),
         "torch_threads": torch.get_num_threads(),
+        "world_size": ddp.world_size(),
     }
 
 
@@ -644,41 +962,100 @@ def run_experiment(
     """Run every seed of ``config`` and write the results; returns the content of ``results.json``.
 
     ``extra_plugins(seed)`` gives additional plugins for a seed's strategy; ``on_experience_end(seed, t, strategy,
-    partial)`` runs after each experience.
+    partial)`` runs after each experience. After every experience the run's state goes to ``<out>/checkpoint.safetensors``
+    (atomically); with ``resume`` the run continues from it. Under ``torch.distributed`` only rank 0 logs and writes.
     """
     validate_config(config)
-    out_dir = prepare_output_dir(config)
+    main_process = ddp.is_main_process()
+    if not main_process:
+        log = lambda *_: None  # noqa: E731
+
+    def prepare() -> tuple[str, bool]:
+        out = prepare_output_dir(config)
+        if config["pretrained"] and not config["weights"]:
+            problem = pretrained_weights_problem(config["backbone"])
+            if problem:
+                raise WeightsUnavailableError(problem)
+        check_model(config)
+        return str(out), (out / CHECKPOINT_NAME).is_file()
+
+    out_str, has_checkpoint = _on_main(prepare)
+    out_dir = Path(out_str)
+    ckpt_path = out_dir / CHECKPOINT_NAME
     if config["demo"]:
         log(DEMO_BANNER)
-    if config["pretrained"] and not config["weights"]:
-        problem = pretrained_weights_problem(config["backbone"])
-        if problem:
-            raise WeightsUnavailableError(problem)
     if config["cpu_threads"]:
         torch.set_num_threads(config["cpu_threads"])
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(config)
+    created = main_process and not out_dir.exists()
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        bench, info = build_benchmark(config, out_dir)
+        bench, info = _on_all(lambda: build_benchmark(config, out_dir if main_process else None))
     except BaseException:
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()  # only the empty folder made just now
         raise
     config = {**config, "out": str(out_dir)}
-    _write_json(out_dir / "config.json", config)
+    checkpoint: Optional[dict] = None
+    if config["resume"] and has_checkpoint:
+        checkpoint = _on_all(lambda: load_checkpoint(ckpt_path))
+        changed = _on_all(lambda: check_resume(config, info, checkpoint, ckpt_path))
+        log(f"resuming from {ckpt_path}: seed {checkpoint['seed']}, {checkpoint['experiences_done']} of "
+            f"{info.n_experiences} experiences done")
+        if changed:
+            log("resuming with changed settings (results after the checkpoint differ from an uninterrupted run): "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    elif config["resume"]:
+        log(f"--resume: no checkpoint in {out_dir}; starting from the first experience")
+    if main_process:
+        if checkpoint is None and ckpt_path.exists():
+            ckpt_path.unlink()  # --overwrite: a stale checkpoint must not be resumed later
+        _write_json(out_dir / ("config.json" if checkpoint is None else "config_resumed.json"), config)
     log(f"{info.name}: {info.num_classes} classes, {info.n_experiences} experiences, {info.train_size} train / "
-        f"{info.test_size} test images; seeds {config['seeds']}; device {resolve_device(config)}; results in {out_dir}")
+        f"{info.test_size} test images; seeds {config['seeds']}; device {resolve_device(config)}; "
+        f"{ddp.world_size()} process(es); results in {out_dir}")
     started = time.perf_counter()
-    seed_results: list[dict] = []
+    seed_results: list[dict] = list(checkpoint["completed"]) if checkpoint else []
+    previous_runtime = float(checkpoint.get("runtime_s", 0.0)) if checkpoint else 0.0
     results: dict = {}
-    for seed in config["seeds"]:
+    for index, seed in enumerate(config["seeds"]):
+        resume_state = None
+        if checkpoint is not None and index < checkpoint["seed_index"]:
+            continue  # finished before the checkpoint; its result is in seed_results
+        if checkpoint is not None and index == checkpoint["seed_index"]:
+            resume_state = checkpoint
+            if checkpoint["experiences_done"] >= info.n_experiences:
+                seed_results.append(checkpoint["result"])
+                results = assemble_results(config, info, seed_results, previous_runtime)
+                if main_process:
+                    write_results(results, out_dir)
+                continue
         seed_dir = out_dir / f"seed{seed}"
-        callback = None
-        if on_experience_end is not None:
-            callback = lambda t, strategy, partial, _s=seed: on_experience_end(_s, t, strategy, partial)  # noqa: E731
-        seed_results.append(run_seed(config, seed, bench, info, seed_dir, extra_plugins(seed), callback, log))
-        results = assemble_results(config, info, seed_results, time.perf_counter() - started)
-        write_results(results, out_dir)
+
+        def end_of_experience(t: int, strategy: Any, partial: dict, _seed: int = seed, _index: int = index) -> None:
+            if main_process:
+                save_checkpoint(ckpt_path, {
+                    "config": config, "stream": {k: v for k, v in info.to_dict().items() if k in STREAM_KEYS},
+                    "seed_index": _index, "seed": _seed, "experiences_done": t + 1, "completed": seed_results,
+                    "result": partial, "strategy": strategy_state(strategy), "rng": rng_state(),
+                    "fingerprint": strategy.backbone_fingerprint,
+                    "runtime_s": previous_runtime + time.perf_counter() - started,
+                })
+            if on_experience_end is not None:
+                on_experience_end(_seed, t, strategy, partial)
+
+        try:
+            result = run_seed(config, seed, bench, info, seed_dir, extra_plugins(seed), end_of_experience, log,
+                              resume=resume_state)
+        except NonFiniteLossError as err:
+            kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
+                    else "no experience had finished, so there is no checkpoint")
+            raise NonFiniteLossError(f"{err}; {kept}") from None
+        seed_results.append(result)
+        results = assemble_results(config, info, seed_results, previous_runtime + time.perf_counter() - started)
+        if main_process:
+            write_results(results, out_dir)
     log("")
     log(format_summary(results).rstrip())
     log(f"\nresults: {out_dir / 'results.json'}, {out_dir / 'summary.txt'}, plots accuracy_curve.png and "
@@ -724,6 +1101,8 @@ def build_parser(benchmark: str = "split_cifar100") -> argparse.ArgumentParser:
     a("--no-download", action="store_true", help="never download data (CIFAR-100)")
     a("--out", help="results folder (default results/<preset>/<date-time>); must be new or empty")
     a("--overwrite", action="store_true", help="allow writing into an existing non-empty --out folder")
+    a("--resume", action="store_true",
+      help="continue the run in --out from its checkpoint (written after every experience)")
     a("--no-progress", action="store_true", help="no progress bars (text, CSV and TensorBoard logs are still written)")
     a("--set", action="append", default=[], metavar="KEY=VALUE",
       help="override any preset key, VALUE in JSON (e.g. --set lr=0.001 --set milestones=[10])")
@@ -758,6 +1137,8 @@ def config_from_args(args: argparse.Namespace, benchmark: str) -> dict:
         overrides["download"] = False
     if args.overwrite:
         overrides["overwrite"] = True
+    if args.resume:
+        overrides["resume"] = True
     if args.no_progress:
         overrides["progress"] = False
     config = load_config(preset, overrides, _parse_set(args.set))
@@ -776,20 +1157,55 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def init_distributed(config: dict) -> bool:
+    """Join the process group when launched by ``torchrun`` with ``WORLD_SIZE`` > 1 (NCCL on ``cuda:LOCAL_RANK``,
+    gloo on the CPU); sets ``config["device"]`` to this rank's device. Returns whether a group was created."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    import avalanche.training  # noqa: F401  (Avalanche makes loggers at import time: before the group exists)
+
+    if resolve_device(config).startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        config["device"] = f"cuda:{local}"
+        dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local}"))
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None, benchmark: str = "split_cifar100") -> int:
-    """Command-line entry point of ``experiments/run_*.py``; returns the exit code (2 for user errors)."""
+    """Command-line entry point of ``experiments/run_*.py``; returns the exit code (2 for user errors, 3 when the
+    training loss stops being finite)."""
     args = build_parser(benchmark).parse_args(argv)
     if args.list_presets:
         for name in list_presets():
             print(f"{name:24s} {load_preset(name).get('description', '')}")
         return 0
+    group = False
     try:
         config = config_from_args(args, benchmark)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if config["batch_size"] % world:
+            raise ConfigError(f"batch_size {config['batch_size']} is the global batch and must divide by the "
+                              f"{world} processes; change --batch-size or --nproc-per-node")
+        group = init_distributed(config)
         run_experiment(config)
     except USER_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
-        print("interrupted; results of finished experiences are in the seed folders' metrics.json", file=sys.stderr)
+        print("interrupted; pass --resume with the same --out to continue after the last finished experience",
+              file=sys.stderr)
         return 130
+    finally:
+        if group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
