@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Accuracy of the fast path vs the reference-like fp32 path on a short real-image InfLoRA run.
+
+Both runs use the same data, seeds and on-device augmentation (:class:`DeviceAugment`); they differ only in the
+model path: ``fast`` = bf16 autocast with finished branches merged into ``qkv``; ``fp32`` = fp32 with finished
+branches kept apart and re-summed at every forward (``model.unmerge()``). Prints and writes (``--out``) the
+class-incremental accuracy after each task for each path and seed.
+
+python benchmarks/precision_agreement.py --data /work/shared/data/tiny-imagenet-100 \
+    --weights /work/shared/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder with train/<class>/ and val/<class>/ images")
+    p.add_argument("--weights", type=Path, required=True, help="DINOv2-S timm safetensors")
+    p.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--train-per-class", type=int, default=40)
+    p.add_argument("--test-per-class", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=56)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        p.error(f"{args.out} exists; pass --overwrite to replace it")
+    if args.classes % args.tasks:
+        p.error("--classes must be a multiple of --tasks")
+    for sub in ("train", "val"):
+        if not (args.data / sub).is_dir():
+            p.error(f"{args.data / sub} does not exist")
+    if not args.weights.is_file():
+        p.error(f"--weights {args.weights} does not exist")
+    return args
+
+
+def load_split(root: Path, classes: list[str], per_class: int):
+    from PIL import Image
+
+    from inflora_avalanche.benchmarks.common import TensorImageDataset
+    from inflora_avalanche.device_augment import images_to_uint8_tensor
+
+    images, targets = [], []
+    for label, name in enumerate(classes):
+        files = sorted((root / name).glob("*"))[:per_class]
+        images += [Image.open(f).convert("RGB") for f in files]
+        targets += [label] * len(files)
+    return TensorImageDataset(images_to_uint8_tensor(images), targets)
+
+
+def run_path(args: argparse.Namespace, path: str, seed: int, train_ds, test_ds) -> list[float]:
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from inflora_avalanche import InfLoRAStrategy, InfLoRAViT
+    from inflora_avalanche.device_augment import DeviceAugment
+
+    torch.manual_seed(seed)
+    bench = nc_benchmark(train_ds, test_ds, n_experiences=args.tasks, task_labels=False, shuffle=False,
+                         fixed_class_order=list(range(args.classes)), seed=seed)
+    model = InfLoRAViT(args.backbone, rank=10, checkpoint_path=args.weights, num_classes=args.classes,
+                       dynamic_img_size=True)
+    if path == "fp32":
+        model.unmerge()  # finished branches stay apart and are re-summed at every forward
+    augment = DeviceAugment(args.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed)
+    strategy = InfLoRAStrategy(
+        model=model, lr=args.lr, precision="bf16" if path == "fast" else "fp32", input_transform=augment,
+        train_mb_size=args.batch, train_epochs=args.epochs, device="cpu", num_tasks=args.tasks,
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    accs = []
+    seen: list = []
+    for exp in bench.train_stream:
+        strategy.train(exp, num_workers=0)
+        seen.append(exp.classes_in_this_experience)
+        test = torch.utils.data.ConcatDataset([bench.test_stream[i].dataset.eval() for i in range(len(seen))])
+        correct = total = 0
+        model.eval()
+        with torch.no_grad():
+            for batch in torch.utils.data.DataLoader(test, batch_size=64):
+                with strategy.autocast():
+                    out = model(augment(batch[0], False))
+                correct += int((out.argmax(1) == batch[1]).sum())
+                total += len(batch[1])
+        accs.append(correct / total)
+    assert all(a.merged == (path == "fast") for _, a in model.adapters())
+    return accs
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    classes = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())[: args.classes]
+    train_ds = load_split(args.data / "train", classes, args.train_per_class)
+    test_ds = load_split(args.data / "val", classes, args.test_per_class)
+    results = []
+    for seed in args.seeds:
+        for path in ("fast", "fp32"):
+            start = time.perf_counter()
+            accs = run_path(args, path, seed, train_ds, test_ds)
+            results.append({"seed": seed, "path": path, "accuracy_after_each_task": accs,
+                            "seconds": time.perf_counter() - start})
+            print(f"seed {seed} {path:>4}: accuracy after each task {[round(a, 4) for a in accs]}")
+    report = {"benchmark": "precision_agreement", "command": " ".join(["precision_agreement.py"] + sys.argv[1:]),
+              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "results": results}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
