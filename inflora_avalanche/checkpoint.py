@@ -77,6 +77,9 @@ def save_checkpoint(path: PathLike, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(data)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a normal file's permissions (safetensors writes 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

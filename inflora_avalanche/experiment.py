@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -993,8 +994,8 @@ def run_experiment(
     try:
         bench, info = _on_all(lambda: build_benchmark(config, out_dir if main_process else None))
     except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # only the empty folder made just now
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)  # made just now: holds at most the split manifest
         raise
     config = {**config, "out": str(out_dir)}
     checkpoint: Optional[dict] = None
