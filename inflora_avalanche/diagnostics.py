@@ -216,7 +216,7 @@ def plot_heatmaps(records: Sequence[Mapping[str, Any]], path: Union[str, os.Path
         masked[~torch.isfinite(masked)] = float("nan")
         image = ax.imshow(masked.numpy(), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title(name, fontsize=8)
-        ax.set_xticks(range(len(exps)), [f"t{e}\nε={thresholds[e]:.3f}" for e in exps], fontsize=6)
+        ax.set_xticks(range(len(exps)), [f"t{e}\nε={thresholds[e]:.4g}" for e in exps], fontsize=6)
         ax.set_yticks(range(len(layers)), [_short(layer) for layer in layers], fontsize=6)
         ax.set_xlabel("experience", fontsize=7)
         for i in range(len(layers)):
