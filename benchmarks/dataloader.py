@@ -6,6 +6,8 @@ Paths (``--paths``):
   flip + ``ToTensor`` at full resolution, collated float batches copied to the device.
 - ``tensor``: decoded ``uint8`` images kept as one tensor; workers only index (per-sample ``__getitem__``, default
   collate); the small ``uint8`` batch goes to the device and :class:`DeviceAugment` crops, flips and resizes it there.
+- ``tensor-index``: the ``tensor`` loader alone (``uint8`` batches on the device, not augmented): what the CPU side
+  can deliver once the augmentation runs on the accelerator.
 - ``tensor-batched``: as ``tensor``, but the dataset answers a whole batch with one gather (``__getitems__``).
 - ``avalanche``: as ``tensor``, through the Avalanche experience dataset the strategy iterates (its wrapper and collate).
 - ``folder``: JPEG files decoded in the workers, reference transforms per sample (ImageNet-R / DomainNet style).
@@ -34,7 +36,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-PATHS = ("pil", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached")
+PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached")
 
 
 class UsageError(Exception):
@@ -164,11 +166,11 @@ def measure_loader(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first = time.perf_counter() - start
-    checksum = torch.zeros((), device=device)
+    checksum = torch.zeros((), device=device, dtype=torch.float64)
     start = time.perf_counter()
     for _ in range(args.batches):
         out = prepare(next(it)[0].to(device, non_blocking=True))
-        checksum += out[:, :, 0, 0].sum()  # keeps the work from being skipped; summed on the device
+        checksum += out[:, :, 0, 0].double().sum()  # keeps the work from being skipped; summed on the device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {}
     sources: dict[str, str] = {}
     images = targets = None
-    if any(p in args.paths for p in ("pil", "tensor", "tensor-batched", "avalanche")):
+    if any(p in args.paths for p in ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche")):
         images, targets, sources["cifar"] = cifar_like(args)
     tmp: Optional[tempfile.TemporaryDirectory] = None
     folder = args.folder
@@ -217,6 +219,8 @@ def run(args: argparse.Namespace) -> dict:
             if path == "pil":
                 loader = _loader(PILFromTensor(images, targets, reference_tf), args)
                 results[path] = measure_loader(loader, as_is, args)
+            elif path == "tensor-index":
+                results[path] = measure_loader(_loader(TensorImageDataset(images, targets), args), as_is, args)
             elif path == "tensor":
                 results[path] = measure_loader(_loader(TensorImageDataset(images, targets), args), on_device, args)
             elif path == "tensor-batched":
