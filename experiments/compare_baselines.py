@@ -14,8 +14,10 @@ Real images with the shared DINOv2-S (see docs/results-tiny-imagenet.md for the 
     python experiments/compare_baselines.py --data ../shared/data/tiny-imagenet-100 \\
         --backbone vit_small_patch14_dinov2 --checkpoint ../shared/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors \\
         --timm-kwargs '{"dynamic_img_size": true}' --resolution 56 --num-experiences 5 --classes-per-experience 4 ...
-GPU at the paper's budget: add --device cuda --resolution 224 --epochs 20 --batch-size 128 --precision bf16 and
-drop --max-train-per-class.
+GPU at the paper's budget (CIFAR-100, 10 tasks; ViT-B/16 IN-21k; the paper's [0, 1] pixels):
+    python experiments/compare_baselines.py --benchmark cifar100 --data data --num-experiences 10 \
+        --backbone vit_base_patch16_224.augreg_in21k --pretrained --resolution 224 --epochs 20 --batch-size 128 \
+        --device cuda --precision bf16 --num-workers 8 --seeds 0,1,2,3,4 --out runs/cifar100
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="new (or empty) folder for the results")
     parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--data", default=None, help="image folder with train/<class>/ and val/<class>/ "
-                        "(default: a synthetic stream)")
+    parser.add_argument("--benchmark", choices=("memory", "cifar100", "imagenet-r"), default="memory",
+                        help="memory: synthetic or --data folder loaded into memory (CPU budgets); cifar100 / "
+                        "imagenet-r: the paper's streams from --data (GPU)")
+    parser.add_argument("--data", default=None, help="dataset folder; for memory a folder with train/<class>/ and "
+                        "val/<class>/ (default: a synthetic stream)")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="ImageNet mean/std normalisation (default: on for memory, off for the paper's streams)")
     parser.add_argument("--num-experiences", type=int, default=2)
     parser.add_argument("--classes-per-experience", type=int, default=2)
     parser.add_argument("--max-train-per-class", type=int, default=None)
@@ -108,10 +115,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         bad = sorted(set(values) - set(DEFAULT_HPARAMS[method]))
         if bad:
             fail(f"--hparams: {method} has no setting(s) {', '.join(bad)}; it has {', '.join(DEFAULT_HPARAMS[method])}")
-    if args.data is not None:
+    if args.benchmark == "memory" and args.data is not None:
         root = Path(args.data).expanduser()
         if not (root / "train").is_dir() or not (root / "val").is_dir():
             fail(f"--data {root} must be a folder with train/<class>/ and val/<class>/ subfolders")
+    if args.benchmark != "memory" and args.data is None:
+        fail(f"--benchmark {args.benchmark} needs --data, the dataset's folder")
     if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
         fail(f"--checkpoint {args.checkpoint} does not exist")
     if args.backbone == "tiny" and (args.checkpoint or args.pretrained):
@@ -143,14 +152,19 @@ def main(argv: list[str]) -> int:
     checked = validate(args)
     from inflora_avalanche.baselines.methods import Settings
     from inflora_avalanche.baselines.runner import BackboneConfig, RunSpec, run_isolated, run_method
-    from inflora_avalanche.baselines.streams import StreamConfig
+    from inflora_avalanche.baselines.streams import StreamConfig, StreamDataError, build_stream
     from inflora_avalanche.baselines.table import aggregate, plot_curves, to_markdown
 
     stream = StreamConfig(
         num_experiences=args.num_experiences, classes_per_experience=args.classes_per_experience,
         max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class,
         resolution=args.resolution, root=None if args.data is None else str(Path(args.data).expanduser()),
+        normalize=args.normalize, benchmark=args.benchmark,
     )
+    try:
+        build_stream(stream)  # fail here, in one line, rather than in every run
+    except (StreamDataError, ValueError) as err:
+        fail(str(err))
     backbone = BackboneConfig(
         name=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
         timm_kwargs=tuple(sorted(checked["timm_kwargs"].items())),

@@ -146,8 +146,9 @@ def run_method(spec: RunSpec, log: Callable[[str], None] = lambda _msg: None) ->
             torch.set_num_threads(spec.threads)
         benchmark = build_stream(spec.stream)
         num_exps = len(benchmark.train_stream)
+        num_classes = 1 + max(int(c) for exp in benchmark.train_stream for c in exp.classes_in_this_experience)
         settings = Settings(
-            num_classes=spec.stream.num_classes, num_experiences=num_exps, epochs=spec.epochs,
+            num_classes=num_classes, num_experiences=num_exps, epochs=spec.epochs,
             batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, device=spec.device,
             precision=spec.precision, seed=spec.seed, hparams=spec.hparams, lr_scale=spec.lr_scale,
         )

@@ -1,7 +1,9 @@
-"""Small class-incremental streams for the comparison: synthetic blobs (tests, CPU smoke runs) and an image folder.
+"""Class-incremental streams for the comparison.
 
-Images are decoded, resized and normalised once, into memory, so every method sees identical tensors and the
-timings measure training rather than JPEG decoding.
+``benchmark="memory"`` (CPU budgets): synthetic blobs (tests, smoke runs) or an image folder, decoded, resized and
+normalised once into memory, so every method sees identical tensors and the timings measure training rather than
+JPEG decoding. ``"cifar100"`` and ``"imagenet-r"`` (the paper's settings, on a GPU) are the project's own lazy
+streams from :mod:`inflora_avalanche.benchmarks`, with the paper's transforms.
 """
 
 from __future__ import annotations
@@ -40,9 +42,16 @@ class InMemoryImages(torch.utils.data.Dataset):
         return self.images[index], self.targets[index]
 
 
+BENCHMARKS = ("memory", "cifar100", "imagenet-r")
+
+
 @dataclass(frozen=True)
 class StreamConfig:
-    """What stream to build. ``root=None`` gives the synthetic stream."""
+    """What stream to build. ``benchmark="memory"`` with ``root=None`` gives the synthetic stream.
+
+    ``classes_per_experience`` only applies to ``"memory"`` (CIFAR-100 and ImageNet-R split all their classes);
+    ``normalize=None`` means ImageNet mean/std for ``"memory"`` and none (the paper's [0, 1] pixels) otherwise.
+    """
 
     num_experiences: int = 2
     classes_per_experience: int = 2
@@ -50,13 +59,28 @@ class StreamConfig:
     max_test_per_class: Optional[int] = None
     resolution: int = 32
     root: Optional[str] = None
-    normalize: bool = True
+    normalize: Optional[bool] = None
+    benchmark: str = "memory"
 
     @property
     def num_classes(self) -> int:
+        if self.benchmark == "cifar100":
+            return 100
+        if self.benchmark == "imagenet-r":
+            return 200
         return self.num_experiences * self.classes_per_experience
 
+    @property
+    def normalized(self) -> bool:
+        return (self.benchmark == "memory") if self.normalize is None else self.normalize
+
     def describe(self) -> str:
+        if self.benchmark != "memory":
+            return (
+                f"{self.benchmark} ({self.root}): {self.num_experiences} experiences x "
+                f"{self.num_classes // self.num_experiences} classes, {self.resolution}px"
+                + (", ImageNet mean/std" if self.normalized else ", pixels in [0, 1]")
+            )
         if self.root is None:
             source = "synthetic"
             train, test = self.max_train_per_class or SYNTHETIC_TRAIN, self.max_test_per_class or SYNTHETIC_TEST
@@ -71,8 +95,12 @@ class StreamConfig:
 
 def build_stream(config: StreamConfig) -> Any:
     """The Avalanche benchmark (``train_stream``, ``test_stream``) ``config`` describes; class order 0..C-1."""
+    if config.benchmark not in BENCHMARKS:
+        raise StreamDataError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {config.benchmark!r}")
     if config.num_experiences < 1 or config.classes_per_experience < 1:
         raise StreamDataError("num_experiences and classes_per_experience must be >= 1")
+    if config.benchmark != "memory":
+        return _paper_stream(config)
     if config.root is None:
         train, test = _synthetic(config)
     else:
@@ -82,6 +110,26 @@ def build_stream(config: StreamConfig) -> Any:
         class_order=list(range(config.num_classes)),
         num_experiences=config.num_experiences,
     )
+
+
+def _paper_stream(config: StreamConfig) -> Any:
+    from ..benchmarks import DataUnavailableError, split_cifar100, split_imagenet_r
+
+    if config.root is None:
+        raise StreamDataError(f"the {config.benchmark} benchmark needs --data (its dataset folder)")
+    try:
+        if config.benchmark == "cifar100":
+            if config.max_train_per_class or config.max_test_per_class:
+                raise StreamDataError("cifar100 uses the whole dataset; drop --max-train/test-per-class")
+            bench, _ = split_cifar100(config.root, config.num_experiences, resolution=config.resolution,
+                                      normalize=config.normalized, download=False)
+        else:
+            bench, _ = split_imagenet_r(config.root, config.num_experiences, resolution=config.resolution,
+                                        normalize=config.normalized, max_train_per_class=config.max_train_per_class,
+                                        max_test_per_class=config.max_test_per_class)
+    except DataUnavailableError as err:
+        raise StreamDataError(str(err)) from None
+    return bench
 
 
 def _synthetic(config: StreamConfig) -> tuple[InMemoryImages, InMemoryImages]:
@@ -141,6 +189,6 @@ def _load_split(split_dir: Path, classes: list[str], limit: Optional[int], confi
             )
             labels.append(label)
     batch = torch.stack(images).clamp_(0.0, 1.0)
-    if config.normalize:
+    if config.normalized:
         batch = (batch - mean) / std
     return InMemoryImages(batch, labels)

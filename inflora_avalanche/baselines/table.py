@@ -1,10 +1,13 @@
-"""Aggregate comparison runs: A_last, A_avg, forgetting and costs per method, mean ± std over seeds."""
+"""Aggregate comparison runs: A_last, A_avg, forgetting and costs per method, mean ± std over seeds.
+
+The metric definitions (forgetting, sample std over seeds) are those of :mod:`inflora_avalanche.results`.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional, Sequence
 
+from ..results import average_forgetting, mean_std
 from .methods import METHOD_LABELS
 
 METRICS = ("A_last", "A_avg", "forgetting", "trainable_params", "train_time_s", "peak_memory_mb")
@@ -16,18 +19,6 @@ METRIC_HEADERS = {
     "train_time_s": "Train time (s)",
     "peak_memory_mb": "Peak memory (MiB)",
 }
-
-
-def average_forgetting(acc_matrix: Sequence[Sequence[Optional[float]]]) -> Optional[float]:
-    """Mean over experiences j < T-1 of ``max_{j <= t < T-1} a[t][j] - a[T-1][j]`` (``None`` when T < 2)."""
-    last = len(acc_matrix) - 1
-    if last < 1:
-        return None
-    drops = []
-    for j in range(last):
-        best = max(acc_matrix[t][j] for t in range(j, last))
-        drops.append(best - acc_matrix[last][j])
-    return sum(drops) / len(drops)
 
 
 def run_metrics(result: dict[str, Any]) -> dict[str, Optional[float]]:
@@ -45,15 +36,6 @@ def run_metrics(result: dict[str, Any]) -> dict[str, Optional[float]]:
         "train_time_s": float(result["train_time_s"]),
         "peak_memory_mb": float(result["peak_memory_mb"]),
     }
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def aggregate(results: Iterable[dict[str, Any]], order: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
@@ -84,9 +66,9 @@ def aggregate(results: Iterable[dict[str, Any]], order: Optional[Sequence[str]] 
             per_run = [run_metrics(r) for r in ok]
             for metric in METRICS:
                 values = [m[metric] for m in per_run if m[metric] is not None]
-                row[metric] = None if not values else dict(zip(("mean", "std"), mean_std(values)))
+                row[metric] = mean_std(values) if values else None
             curves = [r["A_t"] for r in ok]
-            row["A_t"] = [mean_std([c[t] for c in curves])[0] for t in range(len(curves[0]))]
+            row["A_t"] = [mean_std([c[t] for c in curves])["mean"] for t in range(len(curves[0]))]
             row["memory_kind"] = ok[0].get("memory_kind")
         rows.append(row)
     return rows
@@ -99,7 +81,7 @@ def _cell(stat: Optional[dict], metric: str, show_std: bool) -> str:
         return f"{stat['mean']:,.0f}"
     digits = 0 if metric in ("train_time_s", "peak_memory_mb") else 2
     text = f"{stat['mean']:.{digits}f}"
-    return text + (f" ± {stat['std']:.{digits}f}" if show_std else "")
+    return text + (f" ± {stat['std']:.{digits}f}" if show_std and stat["std"] is not None else "")
 
 
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
