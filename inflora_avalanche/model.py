@@ -130,6 +130,7 @@ class InfLoRAViT(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # to rebuild the architecture (e.g. for export)
         if isinstance(backbone, str):
             self.backbone_name = backbone
             backbone = create_backbone(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, **timm_kwargs)
@@ -275,6 +276,12 @@ class InfLoRAViT(nn.Module):
         if logits.shape[1]:
             out[:, self._class_index] = logits
         return out
+
+    def export_timm(self, path: Union[str, os.PathLike], **kwargs: Any) -> Any:
+        """Write a plain timm checkpoint (all branches merged, one head); see ``export.export_timm_checkpoint``."""
+        from .export import export_timm_checkpoint
+
+        return export_timm_checkpoint(self, path, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- state
     def get_extra_state(self) -> Any:

@@ -178,3 +178,16 @@ def test_offline_download_failure_explains_how_to_supply_weights(monkeypatch):
 
     with pytest.raises(WeightsUnavailableError, match="checkpoint_path"):
         InfLoRAViT("vit_tiny_patch16_224.augreg_in21k", rank=4, pretrained=True)
+
+
+def test_export_from_the_model_rebuilds_with_recorded_timm_kwargs(tmp_path):
+    model = InfLoRAViT("vit_tiny_patch16_224", rank=2, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    finish_random_task(model, [1, 0], seed=0)
+    assert model.timm_kwargs["img_size"] == 32
+    model.export_timm(tmp_path / "m.safetensors")
+    from safetensors.torch import load_file
+
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **model.timm_kwargs).eval()
+    plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(x), model.eval()(x), rtol=1e-5, atol=1e-5)
