@@ -110,14 +110,15 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.0, 5.0))
+    ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
     num_steps = max((len(r["A_t"]) for r in rows if r["status"] == "ok"), default=1)
     for row in rows:
         if row["status"] != "ok":
             continue
         curve = row["A_t"]
         if len(curve) == 1 and num_steps > 1:
-            ax.axhline(curve[0], linestyle="--", color="gray", label=f"{row['label']} (final)")
+            ax.axhline(curve[0], linestyle="--", color="black", label=f"{row['label']} (final)")
         else:
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=row["label"])
     ax.set_xlabel("experiences learned (t)")
@@ -125,8 +126,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> N
     ax.set_xticks(range(1, num_steps + 1))
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
