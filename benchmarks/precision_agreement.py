@@ -39,6 +39,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--fast-precision", choices=("bf16", "fp32"), default="bf16",
+                   help="precision of the fast (merged) path; bf16 is slow on CPUs without bf16 units")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true")
@@ -85,7 +87,7 @@ def run_path(args: argparse.Namespace, path: str, seed: int, train_ds, test_ds) 
         model.unmerge()  # finished branches stay apart and are re-summed at every forward
     augment = DeviceAugment(args.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed)
     strategy = InfLoRAStrategy(
-        model=model, lr=args.lr, precision="bf16" if path == "fast" else "fp32", input_transform=augment,
+        model=model, lr=args.lr, precision=args.fast_precision if path == "fast" else "fp32", input_transform=augment,
         train_mb_size=args.batch, train_epochs=args.epochs, device="cpu", num_tasks=args.tasks,
         evaluator=EvaluationPlugin(loggers=[]),
     )
@@ -121,7 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             accs = run_path(args, path, seed, train_ds, test_ds)
             results.append({"seed": seed, "path": path, "accuracy_after_each_task": accs,
                             "seconds": time.perf_counter() - start})
-            print(f"seed {seed} {path:>4}: accuracy after each task {[round(a, 4) for a in accs]}")
+            print(f"seed {seed} {path:>4}: accuracy after each task {[round(a, 4) for a in accs]} "
+                  f"({results[-1]['seconds']:.0f} s)", flush=True)
     report = {"benchmark": "precision_agreement", "command": " ".join(["precision_agreement.py"] + sys.argv[1:]),
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "results": results}
