@@ -159,3 +159,21 @@ def test_resize_cache_reuses_and_matches_decoding(tmp_path):
         ResizeCache(tmp_path / "c2", 0)
     with pytest.raises(FileNotFoundError, match="no images"):
         CachedImageFolder.from_folder(tmp_path / "cache")
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    bench = _load(THROUGHPUT)
+    args = bench.parse_args(["--backbone", "vit_tiny_patch16_224", "--depth", "1", "--embed-dim", "32",
+                             "--num-heads", "2", "--resolution", "32", "--batch", "2", "--rank", "2", "--compile"])
+
+    def broken_compile(*_args, **_kwargs):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(bench.torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed, running eager"):
+        b = bench.Bench(args, "fast", tasks_finished=1)
+    assert b.compile_status == "failed (RuntimeError: no C++ compiler)"
+    assert b.features is b.model.backbone
+    b.train_step()
+    b.eval_step()
+    assert torch.isfinite(b.loss_sum) and int(b.correct) >= 0
