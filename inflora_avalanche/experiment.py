@@ -103,7 +103,8 @@ DEFAULTS: dict[str, Any] = {
     "out": None,
     "overwrite": False,
     "resume": False,
-    "train_shuffle": True,  # False: unshuffled training batches (tests comparing 1 and N processes)
+    # "fixed": one seeded permutation per experience, read in order: the same global batches for any process count
+    "train_shuffle": True,
     "deterministic": False,  # torch.use_deterministic_algorithms (see docs/reliability.md)
     "progress": True,
     "demo": False,
@@ -251,8 +252,10 @@ def validate_config(config: dict) -> dict:
                f"choose --experiences among {[n for n in range(1, known + 1) if known % n == 0]}")
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
-    for key in ("overwrite", "resume", "train_shuffle", "deterministic", "progress"):
+    for key in ("overwrite", "resume", "deterministic", "progress"):
         _check(isinstance(c[key], bool), f"{key} must be true or false, got {c[key]!r}")
+    _check(c["train_shuffle"] in (True, False, "fixed"),
+           f"train_shuffle must be true, false or \"fixed\", got {c['train_shuffle']!r}")
     return config
 
 
@@ -650,6 +653,16 @@ class FiniteLossGuard(SupervisedPlugin, supports_distributed=True):
         )
 
 
+def _fixed_order(experience: Any, seed: int, t: int) -> Any:
+    """A copy of ``experience`` whose training data is permuted once (seeded by ``seed`` and ``t``); loaded without
+    shuffling it gives the same global batches in one process and under ``torchrun`` (DistributedSampler shards)."""
+    generator = torch.Generator().manual_seed(1_000_003 * seed + t)
+    order = torch.randperm(len(experience.dataset), generator=generator).tolist()
+    experience = copy.copy(experience)
+    experience.dataset = experience.dataset.subset(order)
+    return experience
+
+
 def backbone_fingerprint(model: Any) -> float:
     """A float64 sum of the frozen backbone's parameters outside the adapted ``qkv`` layers (which InfLoRA changes):
     tells whether a checkpoint was made on the same backbone weights."""
@@ -756,7 +769,8 @@ def run_seed(
     strategy = build_strategy(config, model, evaluator, [*extra_plugins, guard])
     strategy.backbone_fingerprint = fingerprint
     loader = loader_kwargs(config, device)
-    train_loader = {**loader, "shuffle": bool(config["train_shuffle"])}
+    fixed_order = config["train_shuffle"] == "fixed"
+    train_loader = {**loader, "shuffle": config["train_shuffle"] is True}
     test_sizes = [len(exp.dataset) for exp in bench.test_stream]
     T = len(bench.train_stream)
     matrix: list[list[Optional[float]]] = []
@@ -785,6 +799,8 @@ def run_seed(
         for t, experience in enumerate(bench.train_stream):
             if t < done:
                 continue
+            if fixed_order:
+                experience = _fixed_order(experience, seed, t)
             t0 = time.perf_counter()
             strategy.train(experience, **train_loader)
             t1 = time.perf_counter()
