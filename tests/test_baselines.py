@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin

@@ -332,5 +332,3 @@ def build_strategy(
     assert name == "joint"
     return JointFineTuning(model=model, criterion=criterion, **lrs, **common)
 
-
-BackboneFactory = Callable[[], nn.Module]
