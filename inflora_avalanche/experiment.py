@@ -307,7 +307,12 @@ def build_benchmark(config: dict, out_dir: Optional[Path] = None) -> tuple[Any, 
                                       manifest, split_manifest, config["max_train_per_class"],
                                       config["max_test_per_class"], **norm)
         return B.split_digits(n, config["resolution"], order)
-    except (DataUnavailableError, ImageLoadError):
+    except DataUnavailableError as err:
+        text = str(err)
+        if name != "split_cifar100" and "--data-root" not in text and ("does not exist" in text or "no class" in text):
+            raise DataUnavailableError(f"{text}; point --data-root at the folder that holds the images") from None
+        raise
+    except ImageLoadError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
