@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from conftest import SyntheticImages
@@ -191,8 +192,11 @@ def test_refuses_to_overwrite_and_leaves_no_temporary_files(trained, tmp_path):
 
 def test_clear_errors(trained, tmp_path):
     model, _, _ = trained
+    # A model wrapped around a ready timm module does not know the kwargs that rebuild it: they must be given.
+    bare = InfLoRAViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY), rank=4)
+    bare.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match="timm_kwargs"):
-        export_timm_checkpoint(model, tmp_path / "a.safetensors")  # built with img_size=32 etc.: must be given
+        export_timm_checkpoint(bare, tmp_path / "a.safetensors", architecture="vit_tiny_patch16_224")
     with pytest.raises(ValueError, match=r"\.safetensors"):
         export_timm_checkpoint(model, tmp_path / "a.pt", timm_kwargs=TINY)
     with pytest.raises(ValueError, match="class_names"):
