@@ -768,6 +768,9 @@ def run_seed(
     device = resolve_device(config)
     model = build_model(config, num_classes=info.num_classes)
     fingerprint = backbone_fingerprint(model)
+    if resume is not None and resume["fingerprint"] != fingerprint:
+        raise CheckpointError("the backbone weights differ from those the checkpoint was trained on; resume with the "
+                              "same --weights / backbone, or start a new --out")
     evaluator, loggers = build_evaluator(config, seed_dir if ddp.is_main_process() else None,
                                          resume=resume is not None)
     guard = FiniteLossGuard(seed=seed)
@@ -786,10 +789,6 @@ def run_seed(
     done = 0
     previous_runtime = 0.0
     if resume is not None:
-        if resume["fingerprint"] != fingerprint:
-            raise CheckpointError(
-                "the backbone weights differ from those the checkpoint was trained on; resume with the same "
-                "--weights / backbone, or start a new --out")
         result = resume["result"]
         done = int(result["experiences_done"])
         matrix = [list(row) for row in result["accuracy_matrix"]]

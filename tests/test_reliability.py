@@ -213,6 +213,20 @@ def test_resume_refuses_different_data(interrupted_run):
         "lr": (0.01, 0.001)}
 
 
+def test_resume_refuses_other_backbone_weights(interrupted_run, tmp_path, capsys):
+    """Same settings but other weights (a checksum of the frozen backbone differs): refused, nothing touched."""
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
+    state = load_checkpoint(run / E.CHECKPOINT_NAME)
+    state["fingerprint"] += 1e-3
+    save_checkpoint(run / E.CHECKPOINT_NAME, state)
+    before = (run / E.CHECKPOINT_NAME).read_bytes()
+    code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--out", str(run), "--resume")
+    _one_line_error(code, err, "backbone weights differ from those the checkpoint was trained on")
+    assert (run / E.CHECKPOINT_NAME).read_bytes() == before
+    assert not (run / "seed0" / "csv_resume1").exists()  # refused before any logger opened its files
+
+
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
