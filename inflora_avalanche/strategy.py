@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
@@ -75,6 +76,8 @@ class InfLoRAStrategy(SupervisedTemplate):
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
         input_transform: ``f(x, training) -> x`` applied to each minibatch on the device before the model (batched
             augmentation on the accelerator); the covariance passes use it with ``training=True``.
+        compile: run training and evaluation forwards through ``torch.compile``; if compiling fails, a warning is
+            given and the eager model is used from then on. Covariance passes always run eagerly.
         Other keyword arguments are those of ``SupervisedTemplate``.
 
     Under ``torch.distributed`` (e.g. ``torchrun``), ``train_mb_size`` and ``eval_mb_size`` stay global batch sizes:
@@ -103,6 +106,7 @@ class InfLoRAStrategy(SupervisedTemplate):
         num_tasks: Optional[int] = None,
         precision: str = "auto",
         input_transform: Optional[Callable[[torch.Tensor, bool], torch.Tensor]] = None,
+        compile: bool = False,
         criterion: nn.Module = nn.CrossEntropyLoss(),
         train_mb_size: int = 128,
         train_epochs: int = 20,
@@ -152,6 +156,8 @@ class InfLoRAStrategy(SupervisedTemplate):
         self.gamma = gamma
         self.precision = precision
         self.input_transform = input_transform
+        self.compile = compile
+        self._compiled: Optional[nn.Module] = None
         self.lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self._local_targets: Optional[torch.Tensor] = None
         self._current_columns: Optional[torch.Tensor] = None
@@ -300,10 +306,27 @@ class InfLoRAStrategy(SupervisedTemplate):
         """The minibatch as the model sees it (after ``input_transform``, if any)."""
         return x if self.input_transform is None else self.input_transform(x, training)
 
+    def _compiled_model(self) -> Optional[nn.Module]:
+        if not self.compile or ddp.is_distributed():
+            return None
+        if self._compiled is None:
+            self._compiled = torch.compile(unwrap_model(self.model))
+        return self._compiled
+
     def forward(self) -> torch.Tensor:
         model = self.model if self.is_training else unwrap_model(self.model)
+        x = self.prepare_input(self.mb_x, self.is_training)
         with self.autocast():
-            out = model(self.prepare_input(self.mb_x, self.is_training))
+            compiled = self._compiled_model()
+            out = None
+            if compiled is not None:
+                try:
+                    out = compiled(x)
+                except Exception as err:  # compilation is an optimisation: never let it stop a run
+                    warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); continuing without it")
+                    self.compile, self._compiled = False, None
+            if out is None:
+                out = model(x)
         if self.is_training:
             return out
         if ddp.is_distributed():

@@ -300,3 +300,20 @@ def test_bf16_autocast_on_cpu_trains():
     assert model.task_classes == [[0, 1]]
     assert all(a.past_up.dtype == torch.float32 and a.past_up.abs().sum() > 0 for _, a in model.adapters())
     assert all(m.basis.dtype == torch.float64 for m in strategy.subspace_plugin.memories.values())
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken_compile(module, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    benchmark = make_benchmark(order=[0, 1, 2, 3], experiences=2)
+    model = InfLoRAViT(tiny_vit(), rank=2)
+    strategy = InfLoRAStrategy(model=model, compile=True, train_epochs=1, train_mb_size=32, evaluator=quiet_evaluator())
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        strategy.train(benchmark.train_stream[0])
+    assert strategy.compile is False and model.task_classes == [[0, 1]]
+    assert all(a.past_up.abs().sum() > 0 for _, a in model.adapters())  # it trained eagerly
