@@ -27,7 +27,6 @@ GPU (the issue):  python benchmarks/throughput.py --device cuda --backbone vit_b
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -368,7 +367,7 @@ def measure(args: argparse.Namespace, mode: str, tasks_finished: int) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     bench = Bench(args, mode, tasks_finished)
-    b, steps, warmup = args.batch, args.steps, args.warmup
+    steps, warmup = args.steps, args.warmup
     peaks: dict[str, Optional[float]] = {}
 
     def peak(name: str) -> None:

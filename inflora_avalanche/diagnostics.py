@@ -27,9 +27,7 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Sequence, Union
 
@@ -39,7 +37,7 @@ from torch import nn
 
 from .export import atomic_write
 from .lora import InfLoRAQKV
-from .plugins import SubspaceUpdatePlugin, unwrap_model
+from .plugins import SubspaceUpdatePlugin, pass_with_input_hooks, unwrap_model
 from .subspace import DOWN_SCALE, CovarianceAccumulator, LayerMemory, energy_in_subspace
 
 PER_LAYER_METRICS = (
@@ -131,29 +129,12 @@ def sample_layer_inputs(
     covs = {name: CovarianceAccumulator(a.in_features) for name, a in adapters.items()}
     pools: Dict[str, list] = {name: [] for name in adapters}
 
-    def make_hook(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            covs[name].update(x)
-            pools[name].append(sample_rows(x, num_tokens, generator).cpu())
+    def on_input(name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        covs[name].update(x)
+        pools[name].append(sample_rows(x, num_tokens, generator).cpu())
 
-        return hook
-
-    handles = [a.register_forward_pre_hook(make_hook(name)) for name, a in adapters.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            x = x.to(device)
-            if prepare is not None:
-                x = prepare(x)
-            with autocast if autocast is not None else nullcontext():
-                model.forward_features(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    pass_with_input_hooks(model, batches, device, on_input, autocast, prepare)
     tokens = {name: sample_rows(torch.cat(pool), num_tokens, generator) for name, pool in pools.items()}
     return {name: acc.covariance() for name, acc in covs.items()}, tokens
 

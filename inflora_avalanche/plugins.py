@@ -39,30 +39,26 @@ def stream_length(experience: Any) -> Optional[int]:
 
 
 @torch.no_grad()
-def collect_input_covariances(
+def pass_with_input_hooks(
     model: InfLoRAViT,
     batches: Iterable[Any],
     device: torch.device,
+    on_input: Callable[[str, torch.Tensor], None],
     autocast: Optional[ContextManager] = None,
     prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-) -> Dict[str, torch.Tensor]:
-    """One no-grad pass of ``model`` over ``batches``; the uncentred covariance of every adapted ``qkv``'s input.
+) -> None:
+    """One no-grad, eval-mode pass of ``model.forward_features`` over ``batches``, calling ``on_input(name, x)`` with
+    the input of every adapted ``qkv`` (outside autocast). Each batch is an Avalanche minibatch (inputs first) or a
+    tensor; ``prepare`` maps the inputs on the device before the forward (e.g. the strategy's batched augmentation)."""
 
-    Each batch is an Avalanche minibatch (inputs first) or a tensor. Covariances are summed in float32 on ``device``
-    outside autocast and returned in float64. Under ``torch.distributed`` each rank passes over its shard and the sums
-    are all-reduced before anything is decomposed, so every rank gets the covariance of the whole data. ``prepare`` maps the inputs on the device before the forward (e.g. the
-    strategy's batched augmentation).
-    """
-    accumulators = {name: CovarianceAccumulator(adapter.in_features) for name, adapter in model.adapters()}
-
-    def make_hook(acc: CovarianceAccumulator):
+    def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             with torch.autocast(device_type=device.type, enabled=False):
-                acc.update(args[0])
+                on_input(name, args[0])
 
         return hook
 
-    handles = [adapter.register_forward_pre_hook(make_hook(accumulators[name])) for name, adapter in model.adapters()]
+    handles = [adapter.register_forward_pre_hook(make_hook(name)) for name, adapter in model.adapters()]
     was_training = model.training
     model.eval()
     try:
@@ -77,6 +73,21 @@ def collect_input_covariances(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def collect_input_covariances(
+    model: InfLoRAViT,
+    batches: Iterable[Any],
+    device: torch.device,
+    autocast: Optional[ContextManager] = None,
+    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> Dict[str, torch.Tensor]:
+    """The uncentred covariance of every adapted ``qkv``'s input over one pass of ``batches`` (see
+    :func:`pass_with_input_hooks`), summed in float32 on ``device`` and returned in float64. Under
+    ``torch.distributed`` each rank passes over its shard and the sums are all-reduced before anything is decomposed,
+    so every rank gets the covariance of the whole data."""
+    accumulators = {name: CovarianceAccumulator(adapter.in_features) for name, adapter in model.adapters()}
+    pass_with_input_hooks(model, batches, device, lambda name, x: accumulators[name].update(x), autocast, prepare)
     for acc in accumulators.values():
         if acc.sum is None:  # a rank whose shard was empty still joins the all-reduce
             acc.sum = torch.zeros(acc.dim, acc.dim, device=device)
