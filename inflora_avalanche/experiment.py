@@ -107,6 +107,9 @@ DEFAULTS: dict[str, Any] = {
     "train_shuffle": True,
     "deterministic": False,  # torch.use_deterministic_algorithms (see docs/reliability.md)
     "progress": True,
+    "diagnostics": True,  # SubspaceDiagnosticsPlugin: per layer and task memory / energy / interference, heatmaps
+    "export": None,  # folder: a plain timm checkpoint (merged branches, one head) after every experience
+    "device_augment": False,  # Split CIFAR-100: augment uint8 tensors in batches on the device (see docs/performance.md)
     "demo": False,
     "published": {},
 }
@@ -295,7 +298,8 @@ def build_benchmark(config: dict, out_dir: Optional[Path] = None) -> tuple[Any, 
     split_manifest = Path(config["split_manifest"]).expanduser() if config["split_manifest"] else None
     try:
         if name == "split_cifar100":
-            return B.split_cifar100(root or Path("data"), n, order, download=config["download"], **norm)
+            return B.split_cifar100(root or Path("data"), n, order, download=config["download"],
+                                    device_augment=bool(config["device_augment"]), **norm)
         if name == "imagenet_r":
             return B.split_imagenet_r(root, n, config["split_seed"], manifest, split_manifest, order,
                                       config["test_fraction"], **norm)
@@ -462,6 +466,19 @@ def build_strategy(config: dict, model: Any, evaluator: Any, extra_plugins: Iter
     from .strategy import InfLoRAStrategy
 
     plugins = list(extra_plugins) + build_config_plugins(config)
+    input_transform = None
+    if config["device_augment"]:
+        if config["benchmark"] != "split_cifar100":
+            raise ConfigError("device_augment is for Split CIFAR-100 (decoded uint8 tensors); folder streams decode "
+                              "in DataLoader workers: drop --device-augment")
+        from .device_augment import DeviceAugment
+
+        from .benchmarks.common import IMAGENET_MEAN, IMAGENET_STD
+
+        norm = {}
+        if config["normalize"]:
+            norm = {"mean": config["mean"] or IMAGENET_MEAN, "std": config["std"] or IMAGENET_STD}
+        input_transform = DeviceAugment(config["resolution"], **norm)
     try:
         return InfLoRAStrategy(
             model=model,
@@ -485,6 +502,7 @@ def build_strategy(config: dict, model: Any, evaluator: Any, extra_plugins: Iter
             device=resolve_device(config),
             plugins=plugins,
             evaluator=evaluator,
+            input_transform=input_transform,
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid strategy settings: {err}") from None
@@ -974,6 +992,29 @@ def write_results(results: dict, out_dir: Path) -> None:
     plot_accuracy_matrix(results, out_dir / "accuracy_matrix.png")
 
 
+def standard_plugins(config: dict, seed_dir: Path) -> list:
+    """Plugins every run gets from its config: the subspace diagnostics (on unless ``diagnostics`` is false)."""
+    if not config["diagnostics"]:
+        return []
+    from .diagnostics import SubspaceDiagnosticsPlugin
+
+    out = seed_dir / "diagnostics" if ddp.is_main_process() else None
+    return [SubspaceDiagnosticsPlugin(out_dir=out, overwrite=bool(config["resume"] or config["overwrite"]))]
+
+
+def export_experience(config: dict, info: StreamInfo, strategy: Any, seed: int, t: int) -> None:
+    """``--export``: the merged model after experience ``t`` as ``<export>/seed<seed>/after_exp<t+1>.safetensors``."""
+    from .export import export_timm_checkpoint
+
+    path = Path(config["export"]).expanduser() / f"seed{seed}" / f"after_exp{t + 1}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = getattr(info, "class_names", None)
+    export_timm_checkpoint(
+        strategy.model.module if hasattr(strategy.model, "module") else strategy.model, path,
+        class_names=list(names) if names else None, overwrite=bool(config["overwrite"] or config["resume"]),
+    )
+
+
 def run_experiment(
     config: dict,
     extra_plugins: Callable[[int], Iterable[Any]] = lambda seed: (),
@@ -1063,11 +1104,14 @@ def run_experiment(
                     "fingerprint": strategy.backbone_fingerprint,
                     "runtime_s": previous_runtime + time.perf_counter() - started,
                 })
+            if main_process and config["export"]:
+                export_experience(config, info, strategy, _seed, t)
             if on_experience_end is not None:
                 on_experience_end(_seed, t, strategy, partial)
 
         try:
-            result = run_seed(config, seed, bench, info, seed_dir, extra_plugins(seed), end_of_experience, log,
+            plugins = [*standard_plugins(config, seed_dir), *extra_plugins(seed)]
+            result = run_seed(config, seed, bench, info, seed_dir, plugins, end_of_experience, log,
                               resume=resume_state)
         except NonFiniteLossError as err:
             kept = (f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists()
@@ -1125,6 +1169,12 @@ def build_parser(benchmark: str = "split_cifar100") -> argparse.ArgumentParser:
     a("--resume", action="store_true",
       help="continue the run in --out from its checkpoint (written after every experience)")
     a("--no-progress", action="store_true", help="no progress bars (text, CSV and TensorBoard logs are still written)")
+    a("--export", metavar="DIR", help="after every experience, write a plain timm checkpoint (branches merged, one "
+                                      "head; loads without this package) to DIR/seed<N>/after_exp<t>.safetensors")
+    a("--no-diagnostics", action="store_true",
+      help="switch off the subspace diagnostics (memory, energy in the old subspace, interference per layer and task)")
+    a("--device-augment", action="store_true",
+      help="Split CIFAR-100: keep images as uint8 tensors and crop/flip/resize them in batches on the device")
     a("--set", action="append", default=[], metavar="KEY=VALUE",
       help="override any preset key, VALUE in JSON (e.g. --set lr=0.001 --set milestones=[10])")
     return parser
@@ -1146,14 +1196,21 @@ def _parse_set(items: Sequence[str]) -> dict:
 def config_from_args(args: argparse.Namespace, benchmark: str) -> dict:
     """Preset + command-line overrides, validated; the preset must suit the script's ``benchmark``."""
     preset = DEMO_PRESET if args.demo else args.preset
+    short = {"split_cifar100": "cifar100_", "domainnet": "domainnet_"}.get(benchmark, "")
+    if preset not in list_presets() and short + preset in list_presets():
+        preset = short + preset  # run_split_cifar.py --preset inflora_ca -> cifar100_inflora_ca
     overrides = {
         "data_root": args.data_root, "weights": args.weights, "backbone": args.backbone, "resolution": args.resolution,
         "normalize": args.normalize, "seeds": args.seeds, "device": args.device, "epochs": args.epochs,
         "batch_size": args.batch_size, "num_workers": args.num_workers, "n_experiences": args.experiences,
         "classes": args.classes, "max_train_per_class": args.max_train_per_class,
         "max_test_per_class": args.max_test_per_class, "split_seed": args.split_seed,
-        "split_manifest": args.split_manifest, "out": args.out,
+        "split_manifest": args.split_manifest, "out": args.out, "export": args.export,
     }
+    if args.no_diagnostics:
+        overrides["diagnostics"] = False
+    if args.device_augment:
+        overrides["device_augment"] = True
     if args.no_download:
         overrides["download"] = False
     if args.overwrite:

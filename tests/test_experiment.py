@@ -176,7 +176,7 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "run_split_cifar.py"), "--demo", "--out", str(out),
-         "--no-progress"],
+         "--no-progress", "--export", str(tmp_path / "export")],
         capture_output=True, text=True, env=env, timeout=170,
     )
     elapsed = time.perf_counter() - started
@@ -200,6 +200,16 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
             if acc is not None:
                 assert ta >= acc - 1e-9  # knowing the task can only help
     assert "A_last" in (out / "summary.txt").read_text()
+    # diagnostics are on by default: one record per adapted layer and experience, and the heatmaps
+    diagnostics = json.loads((out / "seed0" / "diagnostics" / "subspace_diagnostics.json").read_text())
+    records = diagnostics["records"]
+    assert len({r["experience"] for r in records}) == 5 and len(records) == 5 * len({r["layer"] for r in records})
+    assert (out / "seed0" / "diagnostics" / "subspace_heatmaps.png").is_file()
+    # --export: a plain timm checkpoint after every experience; the last one predicts all 10 digits
+    exported = sorted((tmp_path / "export" / "seed0").glob("after_exp*.safetensors"))
+    assert [p.name for p in exported] == [f"after_exp{t}.safetensors" for t in range(1, 6)]
+    meta = json.loads(exported[-1].with_suffix(".json").read_text())
+    assert meta["num_classes"] == 10 and sorted(meta["class_order"]) == list(range(10))
 
 
 def test_worker_errors_are_shortened_to_the_original_message(tmp_path):
@@ -231,3 +241,33 @@ def test_ca_preset_attaches_classifier_alignment():
     assert E.build_config_plugins(E.load_config("cifar100_inflora")) == []
     with pytest.raises(E.ConfigError, match="classifier_alignment"):
         E.build_config_plugins(E.load_config("cifar100_inflora_ca", {"classifier_alignment": {"no_such_arg": 1}}))
+
+
+def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_path, monkeypatch):
+    from inflora_avalanche import device_augment as D
+
+    (tmp_path / "cifar-100-python").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    fake = lambda root, train=True: D.BatchedTensorImageDataset(  # noqa: E731
+        torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen), [i % 100 for i in range(200)]
+    )
+    monkeypatch.setattr(D, "cifar100_uint8", fake)
+    config = E.load_config("cifar100_inflora", {"data_root": str(tmp_path), "resolution": 48}, {"device_augment": True})
+    bench, info = E.build_benchmark(config)
+    assert info.extra["device_augment"] and len(bench.train_stream) == 10
+    x, y = bench.train_stream[0].dataset[0][:2]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)  # no per-sample transform: workers only index
+    model = E.build_model({**config, "backbone": "vit_tiny_patch16_224", "pretrained": False,
+                           "backbone_kwargs": {"patch_size": 16, "depth": 1}, "rank": 2})
+    strategy = E.build_strategy(config, model, evaluator=None)
+    assert isinstance(strategy.input_transform, D.DeviceAugment)
+    out = strategy.prepare_input(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), True)
+    assert out.shape == (4, 3, 48, 48) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    with pytest.raises(E.ConfigError, match="device_augment"):
+        E.build_strategy({**config, "benchmark": "folder"}, model, evaluator=None)
+
+
+def test_script_short_preset_names():
+    args = E.build_parser("split_cifar100").parse_args(["--preset", "inflora_ca"])
+    config = E.config_from_args(args, "split_cifar100")
+    assert config["preset"] == "cifar100_inflora_ca" and "classifier_alignment" in config

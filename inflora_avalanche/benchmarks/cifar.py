@@ -28,8 +28,13 @@ def split_cifar100(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     download: bool = True,
+    device_augment: bool = False,
 ):
-    """Split CIFAR-100: ``(benchmark, StreamInfo)``. Needs ``root/cifar-100-python/`` or (``download``) the network."""
+    """Split CIFAR-100: ``(benchmark, StreamInfo)``. Needs ``root/cifar-100-python/`` or (``download``) the network.
+
+    ``device_augment``: the images stay decoded ``uint8`` tensors with no per-sample transform (DataLoader workers only
+    index); pair the stream with ``device_augment.DeviceAugment`` as the strategy's ``input_transform``.
+    """
     from avalanche.benchmarks.classic import SplitCIFAR100
 
     root = Path(root)
@@ -39,6 +44,8 @@ def split_cifar100(
         raise DataUnavailableError(cifar100_help(root, "downloading is switched off"))
     kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     train_tf, test_tf = image_transforms(resolution, normalize, test_resize="resize", **kwargs)
+    if device_augment:
+        return _uint8_split(root, n_experiences, order, download)
     try:
         bench = SplitCIFAR100(
             n_experiences, fixed_class_order=order, train_transform=train_tf, eval_transform=test_tf,
@@ -50,4 +57,22 @@ def split_cifar100(
         raise DataUnavailableError(cifar100_help(root, f"could not be downloaded ({reason})")) from None
     info = StreamInfo("split_cifar100", 100, n_experiences, order, train_size=50000, test_size=10000,
                       extra={"root": str(root)})
+    return bench, info
+
+
+def _uint8_split(root: Path, n_experiences: int, order: list[int], download: bool):
+    from ..device_augment import cifar100_uint8
+    from .common import class_incremental_stream
+
+    if not (root / "cifar-100-python").is_dir():
+        from torchvision.datasets import CIFAR100
+
+        try:
+            CIFAR100(str(root), train=True, download=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as err:
+            reason = str(getattr(err, "reason", err)).splitlines()[0][:120]
+            raise DataUnavailableError(cifar100_help(root, f"could not be downloaded ({reason})")) from None
+    bench = class_incremental_stream(cifar100_uint8(root, True), cifar100_uint8(root, False), n_experiences, order)
+    info = StreamInfo("split_cifar100", 100, n_experiences, order, train_size=50000, test_size=10000,
+                      extra={"root": str(root), "device_augment": True})
     return bench, info
