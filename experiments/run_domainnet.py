@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""InfLoRA on domainnet with Avalanche: presets, seeds, evaluation and results files. See --help and docs/experiments.md."""
+"""InfLoRA on domainnet with Avalanche: presets, seeds, evaluation and results files. See --help and the README."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""InfLoRA on split_cifar100 with Avalanche: presets, seeds, evaluation and results files. See --help and docs/experiments.md."""
+"""InfLoRA on split_cifar100 with Avalanche: presets, seeds, evaluation and results files. See --help and the README."""
 
 import sys
 
