@@ -1002,6 +1002,22 @@ def standard_plugins(config: dict, seed_dir: Path) -> list:
     return [SubspaceDiagnosticsPlugin(out_dir=out, overwrite=bool(config["resume"] or config["overwrite"]))]
 
 
+def check_export_dir(config: dict) -> None:
+    """``--export``: refuse, before any compute, a folder that cannot be written or already holds exports."""
+    if not config["export"]:
+        return
+    export = Path(config["export"]).expanduser()
+    if export.exists() and not export.is_dir():
+        raise ConfigError(f"--export {export} is a file; give a folder")
+    base = _nearest_existing(export.absolute())
+    if not os.access(base, os.W_OK) or not base.is_dir():
+        raise ConfigError(f"--export {export} cannot be written (at {base}); choose a writable folder")
+    earlier = sorted(export.glob("seed*/after_exp*.safetensors")) if export.is_dir() else []
+    if earlier and not (config["overwrite"] or config["resume"]):
+        raise ConfigError(f"--export {export} already holds exported models (e.g. {earlier[0]}); choose another "
+                          "folder or pass --overwrite")
+
+
 def export_experience(config: dict, info: StreamInfo, strategy: Any, seed: int, t: int) -> None:
     """``--export``: the merged model after experience ``t`` as ``<export>/seed<seed>/after_exp<t+1>.safetensors``."""
     from .export import export_timm_checkpoint
@@ -1039,6 +1055,7 @@ def run_experiment(
             if problem:
                 raise WeightsUnavailableError(problem)
         check_model(config)
+        check_export_dir(config)
         return str(out), (out / CHECKPOINT_NAME).is_file()
 
     out_str, has_checkpoint = _on_main(prepare)

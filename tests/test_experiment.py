@@ -271,3 +271,16 @@ def test_script_short_preset_names():
     args = E.build_parser("split_cifar100").parse_args(["--preset", "inflora_ca"])
     config = E.config_from_args(args, "split_cifar100")
     assert config["preset"] == "cifar100_inflora_ca" and "classifier_alignment" in config
+
+
+def test_export_folder_is_checked_before_any_compute(capsys, tmp_path):
+    taken = tmp_path / "exports" / "seed0"
+    taken.mkdir(parents=True)
+    (taken / "after_exp1.safetensors").write_bytes(b"earlier result")
+    code, err, _ = _main(capsys, "--demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "exports"))
+    assert code == 2 and "already holds exported models" in err and "\n" not in err
+    assert (taken / "after_exp1.safetensors").read_bytes() == b"earlier result"
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    code, err, _ = _main(capsys, "--demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "file"))
+    assert code == 2 and "is a file" in err
