@@ -217,7 +217,7 @@ class InfLoRAStrategy(SupervisedTemplate):
                 # Re-wrapped per task: the trainable parameters are new. Wrapping broadcasts rank 0's weights.
                 inner.to(self.device)
                 device_ids = [self.device] if torch.device(self.device).type == "cuda" else None
-                return DistributedDataParallel(inner, device_ids=device_ids, broadcast_buffers=False)
+                return DistributedDataParallel(inner, device_ids=device_ids, forward_sync_buffers=False)
         return model.to(self.device)
 
     def make_optimizer(self, **kwargs: Any) -> None:
