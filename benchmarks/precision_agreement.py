@@ -21,8 +21,7 @@ from typing import Optional
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from inflora_avalanche.benchmarks.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -16,30 +16,14 @@ import torch
 import torch.nn.functional as F
 from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..benchmarks.common import IMAGENET_MEAN, IMAGENET_STD, TensorImageDataset
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 16, 8  # images per class of the synthetic stream unless limited
 
 
 class StreamDataError(ValueError):
     """The requested stream cannot be built from the given data."""
-
-
-class InMemoryImages(torch.utils.data.Dataset):
-    """Tensors ``(N, 3, H, W)`` and integer labels, torchvision style (``targets`` attribute)."""
-
-    def __init__(self, images: torch.Tensor, targets: list[int]) -> None:
-        if images.shape[0] != len(targets):
-            raise ValueError(f"{images.shape[0]} images but {len(targets)} labels")
-        self.images = images
-        self.targets = list(targets)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], self.targets[index]
 
 
 BENCHMARKS = ("memory", "cifar100", "imagenet-r")
@@ -132,23 +116,23 @@ def _paper_stream(config: StreamConfig) -> Any:
     return bench
 
 
-def _synthetic(config: StreamConfig) -> tuple[InMemoryImages, InMemoryImages]:
+def _synthetic(config: StreamConfig) -> tuple[TensorImageDataset, TensorImageDataset]:
     """Per class a fixed smooth random pattern; samples are that pattern plus noise (learnable, not trivial)."""
     gen = torch.Generator().manual_seed(1234)
     res = config.resolution
     low = torch.randn(config.num_classes, 3, 4, 4, generator=gen)
     prototypes = F.interpolate(low, size=(res, res), mode="bilinear", align_corners=False)
 
-    def sample(per_class: int) -> InMemoryImages:
+    def sample(per_class: int) -> TensorImageDataset:
         images = prototypes.repeat_interleave(per_class, dim=0)
         images = images + 1.0 * torch.randn(images.shape, generator=gen)
         labels = [c for c in range(config.num_classes) for _ in range(per_class)]
-        return InMemoryImages(images.contiguous(), labels)
+        return TensorImageDataset(images.contiguous(), labels)
 
     return sample(config.max_train_per_class or SYNTHETIC_TRAIN), sample(config.max_test_per_class or SYNTHETIC_TEST)
 
 
-def _folder(config: StreamConfig) -> tuple[InMemoryImages, InMemoryImages]:
+def _folder(config: StreamConfig) -> tuple[TensorImageDataset, TensorImageDataset]:
     root = Path(config.root).expanduser()
     train_dir, test_dir = root / "train", root / "val"
     if not train_dir.is_dir() or not test_dir.is_dir():
@@ -166,7 +150,7 @@ def _folder(config: StreamConfig) -> tuple[InMemoryImages, InMemoryImages]:
     )
 
 
-def _load_split(split_dir: Path, classes: list[str], limit: Optional[int], config: StreamConfig) -> InMemoryImages:
+def _load_split(split_dir: Path, classes: list[str], limit: Optional[int], config: StreamConfig) -> TensorImageDataset:
     from PIL import Image
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -191,4 +175,4 @@ def _load_split(split_dir: Path, classes: list[str], limit: Optional[int], confi
     batch = torch.stack(images).clamp_(0.0, 1.0)
     if config.normalized:
         batch = (batch - mean) / std
-    return InMemoryImages(batch, labels)
+    return TensorImageDataset(batch, labels)
