@@ -865,6 +865,16 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _check_writable(base: Path, flag: str) -> None:
+    """Write and remove a probe file in ``base`` (``os.access`` says yes to root even on read-only mounts)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".inflora-write-test", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"cannot write into {base} ({err.strerror or err}); choose a writable {flag} folder") from None
+
+
 def prepare_output_dir(config: dict) -> Path:
     """The results folder (``--out`` or ``results/<preset>/<time>``), checked to be writable; refuses a non-empty one
     unless ``overwrite`` or ``resume``.
@@ -882,12 +892,7 @@ def prepare_output_dir(config: dict) -> Path:
     base = _nearest_existing(out.absolute())
     if not base.is_dir():
         raise ConfigError(f"--out {out} cannot be created: {base} is a file; give a folder path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".inflora-write-test", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(f"cannot write into {base} ({err.strerror or err}); choose a writable --out folder") from None
+    _check_writable(base, "--out")
     if out.is_dir() and any(out.iterdir()):
         if config["resume"]:
             if not (out / CHECKPOINT_NAME).is_file() and (out / "results.json").is_file():
@@ -1010,8 +1015,9 @@ def check_export_dir(config: dict) -> None:
     if export.exists() and not export.is_dir():
         raise ConfigError(f"--export {export} is a file; give a folder")
     base = _nearest_existing(export.absolute())
-    if not os.access(base, os.W_OK) or not base.is_dir():
-        raise ConfigError(f"--export {export} cannot be written (at {base}); choose a writable folder")
+    if not base.is_dir():
+        raise ConfigError(f"--export {export} cannot be created: {base} is a file; give a folder path")
+    _check_writable(base, "--export")
     earlier = sorted(export.glob("seed*/after_exp*.safetensors")) if export.is_dir() else []
     if earlier and not (config["overwrite"] or config["resume"]):
         raise ConfigError(f"--export {export} already holds exported models (e.g. {earlier[0]}); choose another "
