@@ -1030,11 +1030,9 @@ def export_experience(config: dict, info: StreamInfo, strategy: Any, seed: int, 
 
     path = Path(config["export"]).expanduser() / f"seed{seed}" / f"after_exp{t + 1}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = getattr(info, "class_names", None)
-    export_timm_checkpoint(
-        strategy.model.module if hasattr(strategy.model, "module") else strategy.model, path,
-        class_names=list(names) if names else None, overwrite=bool(config["overwrite"] or config["resume"]),
-    )
+    overwrite = bool(config["overwrite"] or config["resume"])
+    # export_timm_checkpoint unwraps DistributedDataParallel itself
+    export_timm_checkpoint(strategy.model, path, class_names=info.class_names or None, overwrite=overwrite)
 
 
 def run_experiment(
