@@ -41,10 +41,6 @@ class CovarianceAccumulator:
         self.sum.addmm_(flat.T, flat)
         self.count += flat.shape[0]
 
-    def reset(self) -> None:
-        self.sum = None
-        self.count = None
-
     @property
     def num_vectors(self) -> int:
         return 0 if self.count is None else int(self.count.item())
