@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,5 +77,8 @@ def test_a_user_error_ends_every_rank_with_exit_code_2(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and all("already holds results" in e for e in errors), proc.stderr[-3000:]
-    assert proc.stderr.count("exitcode  : 2") == 2 or "exitcode: 2" in proc.stderr.replace(" ", "")
+    # Each rank exits with 2 on its own; torchrun, once the first has exited, sends SIGTERM to the other, which
+    # can still be shutting down (seen in 1 of 4 runs): that rank is then listed with -15 after printing its error.
+    codes = [int(c) for c in re.findall(r"exitcode\s+:\s*(-?\d+)", proc.stderr)]  # the per-rank summary
+    assert len(codes) == 2 and 2 in codes and set(codes) <= {2, -15}, proc.stderr[-3000:]
     assert (out / "results.json").read_text() == "{}"
