@@ -17,9 +17,15 @@ Paths (``--paths``):
 CIFAR-like images are random 32 x 32 ``uint8`` unless ``--cifar-root`` points at a ``cifar-100-python`` folder; the
 folder paths use ``--folder`` or, by default, synthetic JPEGs written to a temporary folder (``--folder-size``).
 
-CPU (CI-sized): python benchmarks/dataloader.py --resolution 64 --batch 16 --batches 3 --workers 0 --images 256
-GPU:            python benchmarks/dataloader.py --device cuda --resolution 224 --batch 128 --batches 50 --workers 8 \
-                    --out dataloader_h100.json
+Options shared with the runner (``inflora-avalanche run``) have its names: ``--batch-size``, ``--num-workers``,
+``--cpu-threads``, ``--resolution``, ``--device``, ``--out``, ``--overwrite`` (the old ``--batch``, ``--workers`` and
+``--threads`` still work). The two data sources keep their own flags: ``--cifar-root`` is what the runner calls
+``--data-root`` for Split CIFAR-100, ``--folder`` what it calls ``--data-root`` for folder streams.
+
+CPU (CI-sized): python benchmarks/dataloader.py --resolution 64 --batch-size 16 --batches 3 --num-workers 0 \
+                    --images 256
+GPU:            python benchmarks/dataloader.py --device cuda --resolution 224 --batch-size 128 --batches 50 \
+                    --num-workers 8 --cifar-root /path/to/cifar100 --out dataloader_h100.json
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from inflora_avalanche.run.cli import ScriptHelpFormatter
+
 PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached")
 
 
@@ -49,40 +57,45 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {','.join(PATHS)} (default all)")
-    p.add_argument("--resolution", type=int, default=224, help="output side (default 224)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=10, help="timed batches per path (default 10)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    p.add_argument("--images", type=int, default=2048, help="synthetic CIFAR-like images (default 2048)")
-    p.add_argument("--cifar-root", type=Path, default=None, help="use the real CIFAR-100 training set from here")
-    p.add_argument("--folder", type=Path, default=None, help="an image folder root/<class>/*.jpg for the folder paths")
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {','.join(PATHS)} (default: all)")
+    p.add_argument("--resolution", type=int, default=224, help="output side in pixels")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=64, help="minibatch size")
+    p.add_argument("--batches", type=int, default=10, help="timed batches per path")
+    p.add_argument("--num-workers", "--workers", dest="num_workers", type=int, default=2,
+                   help="DataLoader worker processes")
+    p.add_argument("--images", type=int, default=2048, help="synthetic CIFAR-like images")
+    p.add_argument("--cifar-root", type=Path, default=None,
+                   help="use the real CIFAR-100 training set from this folder (holds cifar-100-python/; "
+                        "default: random images)")
+    p.add_argument("--folder", type=Path, default=None,
+                   help="an image folder root/<class>/*.jpg for the folder paths (default: synthetic JPEGs)")
     p.add_argument("--folder-images", type=int, default=None, help="synthetic JPEGs to write (default: enough for the run)")
     p.add_argument("--folder-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
-                   help="synthetic JPEG size (default 500 375, typical of ImageNet-R)")
-    p.add_argument("--cache-size", type=int, default=256, help="shorter side kept by the resize cache (default 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+                   help="synthetic JPEG size (default: 500 375, typical of ImageNet-R)")
+    p.add_argument("--cache-size", type=int, default=256, help="shorter side kept by the resize cache")
+    p.add_argument("--cpu-threads", "--threads", dest="cpu_threads", type=int, default=None,
+                   help="torch CPU threads of the main process (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the shuffling")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace an existing file")
     args = p.parse_args(argv)
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
     bad = [s for s in args.paths if s not in PATHS]
     if bad or not args.paths:
         raise UsageError(f"--paths must list some of {', '.join(PATHS)}, got {bad or 'nothing'}")
-    for name in ("resolution", "batch", "batches", "images", "cache_size"):
+    for name in ("resolution", "batch_size", "batches", "images", "cache_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     if min(args.folder_size) < 1:
         raise UsageError(f"--folder-size must be positive, got {args.folder_size}")
     if args.folder is not None and not args.folder.is_dir():
         raise UsageError(f"--folder {args.folder} is not a directory")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise UsageError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:
@@ -139,12 +152,13 @@ def write_jpegs(root: Path, count: int, size: tuple[int, int], seed: int) -> Non
 
 
 def _loader(ds: Any, args: argparse.Namespace, collate: Optional[Callable] = None) -> torch.utils.data.DataLoader:
-    kwargs: dict[str, Any] = dict(batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
+    kwargs: dict[str, Any] = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                                  drop_last=True,
                                   pin_memory=args.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(args.seed))
     if collate is not None:
         kwargs["collate_fn"] = collate
-    if args.workers:
+    if args.num_workers:
         kwargs["persistent_workers"] = True
         kwargs["prefetch_factor"] = 4
     return torch.utils.data.DataLoader(ds, **kwargs)
@@ -176,7 +190,7 @@ def measure_loader(
     seconds = time.perf_counter() - start
     shape = list(out.shape)
     del it
-    return {"img_s": args.batch * args.batches / seconds, "first_batch_s": first, "batch_shape": shape,
+    return {"img_s": args.batch_size * args.batches / seconds, "first_batch_s": first, "batch_shape": shape,
             "dtype": str(out.dtype).replace("torch.", ""), "finite": bool(torch.isfinite(checksum))}
 
 
@@ -189,10 +203,10 @@ def run(args: argparse.Namespace) -> dict:
         DeviceAugment,
         batched_collate,
     )
-    from inflora_avalanche.benchmarks.common import TensorImageDataset
+    from inflora_avalanche.streams.common import TensorImageDataset
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
     res = args.resolution
     reference_tf = T.Compose([T.RandomResizedCrop(res), T.RandomHorizontalFlip(), T.ToTensor()])
     augment = DeviceAugment(res, seed=args.seed)
@@ -208,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     if folder is None and any(p.startswith("folder") for p in args.paths):
         tmp = tempfile.TemporaryDirectory(prefix="inflora_dl_")
         folder = Path(tmp.name) / "images"
-        count = args.folder_images or args.batch * (args.batches + 1)
+        count = args.folder_images or args.batch_size * (args.batches + 1)
         write_jpegs(folder, count, tuple(args.folder_size), args.seed)
         sources["folder"] = f"{count} synthetic {args.folder_size[0]}x{args.folder_size[1]} JPEGs"
     elif folder is not None:

@@ -6,8 +6,13 @@ model path: ``fast`` = bf16 autocast with finished branches merged into ``qkv``;
 branches kept apart and re-summed at every forward (``model.unmerge()``). Prints and writes (``--out``) the
 class-incremental accuracy after each task for each path and seed.
 
-python benchmarks/precision_agreement.py --data /work/shared/data/tiny-imagenet-100 \
-    --weights /work/shared/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors
+Options shared with the runner (``inflora-avalanche run``) have its names: ``--data-root``, ``--weights``,
+``--backbone``, ``--classes``, ``--n-experiences``, ``--max-train-per-class``, ``--max-test-per-class``, ``--epochs``,
+``--resolution``, ``--batch-size``, ``--lr``, ``--seeds``, ``--cpu-threads``, ``--out``, ``--overwrite`` (the old
+``--data``, ``--tasks``, ``--train-per-class``, ``--test-per-class``, ``--batch`` and ``--threads`` still work).
+
+python benchmarks/precision_agreement.py --data-root /path/to/tiny-imagenet-100 \
+    --weights /path/to/vit_small_patch14_dinov2.safetensors
 """
 
 from __future__ import annotations
@@ -21,36 +26,45 @@ from typing import Optional
 
 import torch
 
-from inflora_avalanche.benchmarks.common import IMAGENET_MEAN, IMAGENET_STD
+from inflora_avalanche.run.cli import ScriptHelpFormatter
+from inflora_avalanche.streams.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder with train/<class>/ and val/<class>/ images")
-    p.add_argument("--weights", type=Path, required=True, help="DINOv2-S timm safetensors")
-    p.add_argument("--backbone", default="vit_small_patch14_dinov2")
-    p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--tasks", type=int, default=2)
-    p.add_argument("--train-per-class", type=int, default=40)
-    p.add_argument("--test-per-class", type=int, default=25)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--resolution", type=int, default=56)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
+    p.add_argument("--data-root", "--data", dest="data_root", type=Path, required=True,
+                   help="folder with train/<class>/ and val/<class>/ images (required)")
+    p.add_argument("--weights", type=Path, required=True, help="local backbone checkpoint, timm key names (required)")
+    p.add_argument("--backbone", default="vit_small_patch14_dinov2", help="timm model name of the backbone")
+    p.add_argument("--classes", type=int, default=8, help="the first N classes (name order)")
+    p.add_argument("--n-experiences", "--tasks", dest="n_experiences", type=int, default=2,
+                   help="number of experiences (tasks)")
+    p.add_argument("--max-train-per-class", "--train-per-class", dest="max_train_per_class", type=int, default=40,
+                   help="at most this many training images per class")
+    p.add_argument("--max-test-per-class", "--test-per-class", dest="max_test_per_class", type=int, default=25,
+                   help="at most this many test images per class")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per experience")
+    p.add_argument("--resolution", type=int, default=56, help="input resolution in pixels")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=16, help="training minibatch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; both paths run for each")
     p.add_argument("--fast-precision", choices=("bf16", "fp32"), default="bf16",
                    help="precision of the fast (merged) path; bf16 is slow on CPUs without bf16 units")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cpu-threads", "--threads", dest="cpu_threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to replace an existing file")
     args = p.parse_args(argv)
     if args.out is not None and args.out.exists() and not args.overwrite:
         p.error(f"{args.out} exists; pass --overwrite to replace it")
-    if args.classes % args.tasks:
-        p.error("--classes must be a multiple of --tasks")
+    for name in ("classes", "n_experiences", "max_train_per_class", "max_test_per_class", "epochs", "resolution",
+                 "batch_size", "cpu_threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.classes % args.n_experiences:
+        p.error("--classes must be a multiple of --n-experiences")
     for sub in ("train", "val"):
-        if not (args.data / sub).is_dir():
-            p.error(f"{args.data / sub} does not exist")
+        if not (args.data_root / sub).is_dir():
+            p.error(f"{args.data_root / sub} does not exist")
     if not args.weights.is_file():
         p.error(f"--weights {args.weights} does not exist")
     return args
@@ -59,7 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def load_split(root: Path, classes: list[str], per_class: int):
     from PIL import Image
 
-    from inflora_avalanche.benchmarks.common import TensorImageDataset
+    from inflora_avalanche.streams.common import TensorImageDataset
     from inflora_avalanche.device_augment import images_to_uint8_tensor
 
     images, targets = [], []
@@ -78,7 +92,7 @@ def run_path(args: argparse.Namespace, path: str, seed: int, train_ds, test_ds) 
     from inflora_avalanche.device_augment import DeviceAugment
 
     torch.manual_seed(seed)
-    bench = nc_benchmark(train_ds, test_ds, n_experiences=args.tasks, task_labels=False, shuffle=False,
+    bench = nc_benchmark(train_ds, test_ds, n_experiences=args.n_experiences, task_labels=False, shuffle=False,
                          fixed_class_order=list(range(args.classes)), seed=seed)
     model = InfLoRAViT(args.backbone, rank=10, checkpoint_path=args.weights, num_classes=args.classes,
                        dynamic_img_size=True)
@@ -87,7 +101,7 @@ def run_path(args: argparse.Namespace, path: str, seed: int, train_ds, test_ds) 
     augment = DeviceAugment(args.resolution, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed)
     strategy = InfLoRAStrategy(
         model=model, lr=args.lr, precision=args.fast_precision if path == "fast" else "fp32", input_transform=augment,
-        train_mb_size=args.batch, train_epochs=args.epochs, device="cpu", num_tasks=args.tasks,
+        train_mb_size=args.batch_size, train_epochs=args.epochs, device="cpu", num_tasks=args.n_experiences,
         evaluator=EvaluationPlugin(loggers=[]),
     )
     accs = []
@@ -111,10 +125,10 @@ def run_path(args: argparse.Namespace, path: str, seed: int, train_ds, test_ds) 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    classes = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())[: args.classes]
-    train_ds = load_split(args.data / "train", classes, args.train_per_class)
-    test_ds = load_split(args.data / "val", classes, args.test_per_class)
+    torch.set_num_threads(args.cpu_threads)
+    classes = sorted(d.name for d in (args.data_root / "train").iterdir() if d.is_dir())[: args.classes]
+    train_ds = load_split(args.data_root / "train", classes, args.max_train_per_class)
+    test_ds = load_split(args.data_root / "val", classes, args.max_test_per_class)
     results = []
     for seed in args.seeds:
         for path in ("fast", "fp32"):

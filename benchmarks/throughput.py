@@ -19,8 +19,13 @@ Figures: images/s of a training step (forward, backward, optimiser step), of the
 with the covariance hooks) and of evaluation (no-grad forward over all heads, accuracy counted), and the peak
 allocated device memory (CUDA only). Prints a table and writes JSON (``--out``).
 
-CPU (CI-sized):   python benchmarks/throughput.py --backbone vit_tiny_patch16_224 --depth 2 --resolution 32 --batch 4
-GPU (the issue):  python benchmarks/throughput.py --device cuda --backbone vit_base_patch16_224 --batch 128 \
+Options shared with the runner (``inflora-avalanche run``) have its names: ``--batch-size``, ``--cpu-threads``,
+``--resolution``, ``--rank``, ``--precision``, ``--backbone``, ``--device``, ``--out``, ``--overwrite`` (the old
+``--batch`` and ``--threads`` still work).
+
+CPU (CI-sized):   python benchmarks/throughput.py --backbone vit_tiny_patch16_224 --depth 2 --resolution 32 \
+                      --batch-size 4
+GPU (the issue):  python benchmarks/throughput.py --device cuda --backbone vit_base_patch16_224 --batch-size 128 \
                       --resolution 224 --tasks-finished 0 49 --out throughput_h100.json
 """
 
@@ -42,6 +47,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from inflora_avalanche.run.cli import ScriptHelpFormatter
+
 MODES = ("fast", "resum", "paper")
 GIB = 1024**3
 
@@ -56,33 +63,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT name (random weights)")
     p.add_argument("--depth", type=int, default=None, help="override the backbone's number of blocks")
     p.add_argument("--embed-dim", type=int, default=None, help="override the backbone's width")
     p.add_argument("--num-heads", type=int, default=None, help="override the backbone's attention heads")
     p.add_argument("--patch-size", type=int, default=None, help="override the backbone's patch size")
-    p.add_argument("--resolution", type=int, default=32, help="input side in pixels (default 32)")
-    p.add_argument("--batch", type=int, default=8, help="minibatch size (default 8)")
-    p.add_argument("--rank", type=int, default=10, help="InfLoRA rank per task (default 10)")
-    p.add_argument("--classes-per-task", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=32, help="input side in pixels")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=8, help="minibatch size")
+    p.add_argument("--rank", type=int, default=10, help="InfLoRA rank per task")
+    p.add_argument("--classes-per-task", type=int, default=10, help="classes (head width) of every task")
     p.add_argument("--tasks-finished", type=int, nargs="+", default=[0, 9, 49],
-                   help="numbers of finished tasks to measure at (default 0 9 49)")
-    p.add_argument("--modes", default="fast,paper", help=f"comma-separated, from {','.join(MODES)} (default fast,paper)")
+                   help="numbers of finished tasks to measure at")
+    p.add_argument("--modes", default="fast,paper", help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="fast mode's precision: auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast mode's backbone (falls back to eager)")
     p.add_argument("--augment", action="store_true",
                    help="feed uint8 --source-resolution images through DeviceAugment inside every step")
-    p.add_argument("--source-resolution", type=int, default=32, help="stored image side with --augment (default 32)")
-    p.add_argument("--steps", type=int, default=5, help="timed iterations per figure (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations before each figure (default 2)")
+    p.add_argument("--source-resolution", type=int, default=32, help="stored image side with --augment")
+    p.add_argument("--steps", type=int, default=5, help="timed iterations per figure")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations before each figure")
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the whole sweep, modes interleaved, and keep each figure's best round (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+                   help="repeat the whole sweep, modes interleaved, and keep each figure's best round")
+    p.add_argument("--cpu-threads", "--threads", dest="cpu_threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace an existing file")
     args = p.parse_args(argv)
 
@@ -92,7 +100,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise UsageError(f"--modes must list some of {', '.join(MODES)}, got {bad or 'nothing'}")
     if len(set(args.modes)) != len(args.modes):
         raise UsageError("--modes lists a mode twice")
-    for name in ("resolution", "batch", "rank", "classes_per_task", "steps", "source_resolution", "rounds"):
+    for name in ("resolution", "batch_size", "rank", "classes_per_task", "steps", "source_resolution", "rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -100,8 +108,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if any(n < 0 for n in args.tasks_finished):
         raise UsageError(f"--tasks-finished must be >= 0, got {args.tasks_finished}")
     args.tasks_finished = sorted(set(args.tasks_finished))
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise UsageError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:
@@ -231,7 +239,7 @@ class Bench:
             args.precision == "bf16" or (args.precision == "auto" and self.device.type == "cuda")
         )
         gen = torch.Generator().manual_seed(args.seed + 2)
-        b = args.batch
+        b = args.batch_size
         if args.augment:
             self.augment: Optional[DeviceAugment] = DeviceAugment(args.resolution, seed=args.seed)
             s = args.source_resolution
@@ -390,7 +398,7 @@ def measure(args: argparse.Namespace, mode: str, tasks_finished: int) -> dict:
 
 
 def _result(bench: "Bench", train_s: float, cov_s: float, eval_s: float, peaks: Optional[dict]) -> dict:
-    b = bench.args.batch
+    b = bench.args.batch_size
     loss = float(bench.loss_sum) if bench.mode != "paper" else float(sum(bench.logged))  # one sync, after timing
     return {
         "mode": bench.mode,
@@ -534,8 +542,8 @@ def format_table(results: list[dict], ratio_rows: list[dict], growth: dict) -> s
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
     raw = []
     for round_ in range(args.rounds):
         for n in args.tasks_finished:

@@ -1,11 +1,16 @@
 """Regenerate the plots of docs/diagnostics.md: a small class-incremental InfLoRA run on real images, on the CPU.
 
-Tiny-ImageNet-100 (64 px JPEGs, resized to 56), the shared DINOv2-S/14 backbone, 5 experiences x 4 classes. Writes
+Tiny-ImageNet-100 (64 px JPEGs, resized to 56), a DINOv2-S/14 checkpoint, 5 experiences x 4 classes. Writes
 ``subspace_heatmaps.png``, ``summary.png``, ``subspace_diagnostics.json`` and ``.csv`` to ``--out``, and exports the
 final model to check that the plain timm checkpoint predicts exactly like the strategy.
 
-    python experiments/diagnostics_demo.py --data ../shared/data/tiny-imagenet-100 \
-        --weights ../shared/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors --out docs/diagnostics
+Options shared with the runner (``inflora-avalanche run``) have its names: ``--data-root``, ``--weights``, ``--out``,
+``--overwrite``, ``--n-experiences``, ``--max-train-per-class``, ``--max-test-per-class``, ``--resolution``,
+``--epochs``, ``--rank``, ``--lr``, ``--lamb``, ``--cpu-threads`` (the old ``--data``, ``--experiences``,
+``--train-per-class``, ``--test-per-class``, ``--img-size`` and ``--threads`` still work).
+
+    python experiments/diagnostics_demo.py --data-root /path/to/tiny-imagenet-100 \
+        --weights /path/to/vit_small_patch14_dinov2.safetensors --max-train-per-class 40 --out docs/diagnostics
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from inflora_avalanche.run.cli import ScriptHelpFormatter
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -36,14 +43,15 @@ class Images(torch.utils.data.Dataset):
 
 
 def load_split(root: Path, wnids: list[str], split: str, per_class: int, size: int) -> Images:
+    """At most ``per_class`` images of each class (the first in name order)."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     xs, ys = [], []
     for label, wnid in enumerate(wnids):
         files = sorted((root / split / wnid).glob("*.JPEG"))[:per_class]
-        if len(files) < per_class:
-            raise ValueError(f"{root / split / wnid} has {len(files)} images, fewer than the {per_class} asked for")
+        if not files:
+            raise ValueError(f"{root / split / wnid} holds no .JPEG images")
         for f in files:
             with Image.open(f) as img:
                 x = pil_to_tensor(img.convert("RGB")).float() / 255.0
@@ -100,28 +108,46 @@ def replot(out: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("INFLORA_TEST_DATA", "../shared/data/tiny-imagenet-100"))
-    parser.add_argument("--weights", default=os.environ.get(
-        "INFLORA_TEST_WEIGHTS", "../shared/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors"))
-    parser.add_argument("--out", default="docs/diagnostics")
-    parser.add_argument("--experiences", type=int, default=5)
-    parser.add_argument("--classes-per-exp", type=int, default=4)
-    parser.add_argument("--train-per-class", type=int, default=50)
-    parser.add_argument("--test-per-class", type=int, default=20)
-    parser.add_argument("--img-size", type=int, default=56)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--lamb", type=float, default=0.95)
-    parser.add_argument("--sample-images", type=int, default=32)
-    parser.add_argument("--sample-tokens", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=ScriptHelpFormatter)
+    parser.add_argument("--data-root", "--data", dest="data_root", default=os.environ.get("INFLORA_TEST_DATA"),
+                        help="the tiny-imagenet-100 folder (classes.tsv, train/<wnid>/, val/<wnid>/) "
+                             "(default: $INFLORA_TEST_DATA)")
+    parser.add_argument("--weights", default=os.environ.get("INFLORA_TEST_WEIGHTS"),
+                        help="local DINOv2-S/14 checkpoint (.safetensors, timm key names) "
+                             "(default: $INFLORA_TEST_WEIGHTS)")
+    parser.add_argument("--out", default="docs/diagnostics", help="folder of the diagnostics files and plots")
+    parser.add_argument("--n-experiences", "--experiences", dest="n_experiences", type=int, default=5,
+                        help="number of experiences (tasks)")
+    parser.add_argument("--classes-per-exp", type=int, default=4, help="classes of each experience")
+    parser.add_argument("--max-train-per-class", "--train-per-class", dest="max_train_per_class", type=int,
+                        default=50, help="at most this many training images per class")
+    parser.add_argument("--max-test-per-class", "--test-per-class", dest="max_test_per_class", type=int, default=20,
+                        help="at most this many test images per class")
+    parser.add_argument("--resolution", "--img-size", dest="resolution", type=int, default=56,
+                        help="input resolution in pixels")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs per experience")
+    parser.add_argument("--rank", type=int, default=8, help="InfLoRA: rank of each task's branches")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate")
+    parser.add_argument("--lamb", type=float, default=0.95, help="InfLoRA: threshold of the first task")
+    parser.add_argument("--sample-images", type=int, default=32, help="diagnostics: images sampled per experience")
+    parser.add_argument("--sample-tokens", type=int, default=256,
+                        help="diagnostics: token vectors sampled per experience")
+    parser.add_argument("--cpu-threads", "--threads", dest="cpu_threads", type=int, default=2,
+                        help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, training and sampling")
     parser.add_argument("--overwrite", action="store_true", help="replace the diagnostics files already in --out")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots from the files in --out")
     args = parser.parse_args(argv)
+    if not args.replot:
+        for name, variable in (("data_root", "INFLORA_TEST_DATA"), ("weights", "INFLORA_TEST_WEIGHTS")):
+            if not getattr(args, name):
+                parser.error(f"pass --{name.replace('_', '-')} or set {variable}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.replot:
         return replot(Path(args.out))
 
@@ -134,24 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     from inflora_avalanche.diagnostics import SubspaceDiagnosticsPlugin
     from inflora_avalanche.export import export_timm_checkpoint, load_exported
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.cpu_threads)
     torch.manual_seed(args.seed)
-    root, out = Path(args.data), Path(args.out)
+    root, out = Path(args.data_root), Path(args.out)
     if not (root / "classes.tsv").is_file():
-        print(f"error: {root} is not tiny-imagenet-100 (no classes.tsv); pass --data", file=sys.stderr)
+        print(f"error: {root} is not tiny-imagenet-100 (no classes.tsv); pass --data-root", file=sys.stderr)
         return 2
     rows = [line.split("\t") for line in (root / "classes.tsv").read_text().splitlines() if line.strip()]
-    num_classes = args.experiences * args.classes_per_exp
+    num_classes = args.n_experiences * args.classes_per_exp
     wnids = [r[1] for r in rows[:num_classes]]
     names = [r[2].split(",")[0].strip() for r in rows[:num_classes]]
     started = time.perf_counter()
-    train = load_split(root, wnids, "train", args.train_per_class, args.img_size)
-    test = load_split(root, wnids, "val", args.test_per_class, args.img_size)
+    train = load_split(root, wnids, "train", args.max_train_per_class, args.resolution)
+    test = load_split(root, wnids, "val", args.max_test_per_class, args.resolution)
     bench = class_incremental_benchmark(
         {"train": as_classification_dataset(train), "test": as_classification_dataset(test)},
-        class_order=list(range(num_classes)), num_experiences=args.experiences,
+        class_order=list(range(num_classes)), num_experiences=args.n_experiences,
     )
-    timm_kwargs = {"img_size": args.img_size, "dynamic_img_size": True}
+    timm_kwargs = {"img_size": args.resolution, "dynamic_img_size": True}
     model = InfLoRAViT("vit_small_patch14_dinov2", rank=args.rank, checkpoint_path=args.weights, **timm_kwargs)
     diagnostics = SubspaceDiagnosticsPlugin(
         sample_images=args.sample_images, sample_tokens=args.sample_tokens, out_dir=out, seed=args.seed,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""InfLoRA on split_cifar100 with Avalanche: presets, seeds, evaluation and results files. See --help and the README."""
+"""`inflora-avalanche run` with the split_cifar100 presets as default (see --help and the README)."""
 
 import sys
 
-from inflora_avalanche.experiment import main
+from inflora_avalanche.run.cli import run_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], benchmark="split_cifar100"))
+    sys.exit(run_main(sys.argv[1:], benchmark="split_cifar100", prog="run_split_cifar.py"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .benchmarks.common import ImageLoadError
+from .streams.common import ImageLoadError
 
 PathLike = Union[str, os.PathLike]
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .benchmarks.common import DataUnavailableError, TensorImageDataset
+from .streams.common import DataUnavailableError, TensorImageDataset
 
 RRC_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)

@@ -100,6 +100,28 @@ def seed_result(
     return out
 
 
+def joint_result(
+    matrix: Matrix,
+    test_sizes: Sequence[int],
+    task_aware_matrix: Optional[Matrix] = None,
+    **extra: Any,
+) -> dict:
+    """The result of a joint run (all experiences trained at once, evaluated once): one row over every test
+    experience; ``A_t`` has one value, and there is no ``A_avg`` or forgetting."""
+    row = [float(v) for v in matrix[-1]]
+    if len(row) != len(test_sizes) or any(v is None for v in row):
+        raise ValueError(f"a joint run needs an accuracy for each of the {len(test_sizes)} test experiences, got {row}")
+    total = sum(test_sizes)
+    a_last = sum(a * n for a, n in zip(row, test_sizes)) / total
+    out = {**extra, "joint": True, "test_sizes": list(test_sizes), "accuracy_matrix": [row], "A_t": [a_last],
+           "A_last": a_last, "A_avg": None, "forgetting": None, "forgetting_per_experience": []}
+    if task_aware_matrix is not None:
+        ta = [float(v) for v in task_aware_matrix[-1]]
+        ta_last = sum(a * n for a, n in zip(ta, test_sizes)) / total
+        out.update(task_aware_matrix=[ta], task_aware_A_t=[ta_last], task_aware_last=ta_last)
+    return out
+
+
 def aggregate(seed_results: Sequence[dict]) -> dict:
     """Mean ± std over seeds of ``A_last``, ``A_avg``, forgetting, task-aware accuracy, and of each ``A_t``."""
     if not seed_results:
@@ -113,12 +135,17 @@ def aggregate(seed_results: Sequence[dict]) -> dict:
         out["A_t"] = [mean_std([r["A_t"][t] for r in seed_results]) for t in range(T)]
         if all("task_aware_A_t" in r for r in seed_results):
             out["task_aware_A_t"] = [mean_std([r["task_aware_A_t"][t] for r in seed_results]) for t in range(T)]
+        width = len(seed_results[0]["accuracy_matrix"][0])
         out["accuracy_matrix_mean"] = [
-            [mean_std([r["accuracy_matrix"][t][j] for r in seed_results])["mean"] if j <= t else None
-             for j in range(T)]
+            [mean_std([r["accuracy_matrix"][t][j] for r in seed_results])["mean"]
+             if j <= t or _is_joint(seed_results) else None for j in range(width)]
             for t in range(T)
         ]
     return out
+
+
+def _is_joint(seed_results: Sequence[dict]) -> bool:
+    return bool(seed_results and seed_results[0].get("joint"))
 
 
 def format_value(stat: dict, digits: int = 2) -> str:
@@ -139,7 +166,7 @@ def format_summary(results: dict) -> str:
         lines.append("DEMO run (scikit-learn digits, tiny random-init ViT): checks the pipeline, NOT the benchmark.")
     bench = results.get("benchmark", {})
     lines.append(
-        f"InfLoRA, preset {results.get('preset')!r}: {bench.get('name')} with {bench.get('num_classes')} classes in "
+        f"{results.get('method_label', 'InfLoRA')}, preset {results.get('preset')!r}: {bench.get('name')} with {bench.get('num_classes')} classes in "
         f"{bench.get('n_experiences')} experiences; backbone {results.get('config', {}).get('backbone')}"
     )
     n = len(seeds)

@@ -1,4 +1,5 @@
-"""The two benchmark scripts in their CI-sized CPU configuration, plus their handling of bad input."""
+"""The benchmark scripts in their CI-sized CPU configuration, their handling of bad input, and their flag names
+(the runner's names for the settings they share with it, the old names kept as aliases)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 DATALOADER = ROOT / "benchmarks" / "dataloader.py"
+AGREEMENT = ROOT / "benchmarks" / "precision_agreement.py"
+DIAGNOSTICS_DEMO = ROOT / "experiments" / "diagnostics_demo.py"
 
 
 def _load(path: Path):
@@ -32,8 +35,8 @@ def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
 def test_throughput_ci_config_writes_json(tmp_path):
     out = tmp_path / "t.json"
     proc = _run(THROUGHPUT, "--backbone", "vit_tiny_patch16_224", "--depth", "2", "--embed-dim", "64",
-                "--num-heads", "2", "--resolution", "32", "--batch", "4", "--rank", "4", "--tasks-finished", "0", "3",
-                "--modes", "fast,resum,paper", "--steps", "1", "--warmup", "1", "--threads", "1", "--out", str(out))
+                "--num-heads", "2", "--resolution", "32", "--batch-size", "4", "--rank", "4", "--tasks-finished", "0", "3",
+                "--modes", "fast,resum,paper", "--steps", "1", "--warmup", "1", "--cpu-threads", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     results = report["results"]
@@ -52,6 +55,7 @@ def test_throughput_ci_config_writes_json(tmp_path):
     assert report["environment"]["device"] == "cpu"
     assert "fast vs paper at 3 finished tasks" in proc.stdout
     assert "Traceback" not in proc.stderr
+    assert report["config"]["batch_size"] == 4 and report["config"]["cpu_threads"] == 1
 
 
 def test_throughput_refuses_existing_out(tmp_path, capsys):
@@ -64,8 +68,8 @@ def test_throughput_refuses_existing_out(tmp_path, capsys):
 
 def test_dataloader_ci_config_writes_json(tmp_path):
     out = tmp_path / "d.json"
-    proc = _run(DATALOADER, "--resolution", "32", "--batch", "8", "--batches", "2", "--workers", "0",
-                "--images", "64", "--folder-size", "64", "48", "--threads", "1", "--out", str(out))
+    proc = _run(DATALOADER, "--resolution", "32", "--batch-size", "8", "--batches", "2", "--num-workers", "0",
+                "--images", "64", "--folder-size", "64", "48", "--cpu-threads", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     results = report["results"]
@@ -104,7 +108,8 @@ def test_paper_emulation_computes_the_same_function():
     "argv, message",
     [
         (["--modes", "fast,turbo"], "--modes"),
-        (["--batch", "0"], "--batch"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--cpu-threads", "0"], "--cpu-threads"),
         (["--tasks-finished", "-1"], "--tasks-finished"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--backbone", "no_such_vit", "--tasks-finished", "0"], "no_such_vit"),
@@ -120,7 +125,7 @@ def test_throughput_bad_input_is_one_line_exit_2(argv, message, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--paths", "pil,gpu"], "--paths"), (["--workers", "-1"], "--workers"),
+    [(["--paths", "pil,gpu"], "--paths"), (["--num-workers", "-1"], "--num-workers"),
      (["--folder", "/no/such/folder"], "--folder"), (["--cifar-root", "/no/such", "--paths", "tensor"], "CIFAR-100")],
 )
 def test_dataloader_bad_input_is_one_line_exit_2(argv, message, capsys):
@@ -164,7 +169,8 @@ def test_resize_cache_reuses_and_matches_decoding(tmp_path):
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     bench = _load(THROUGHPUT)
     args = bench.parse_args(["--backbone", "vit_tiny_patch16_224", "--depth", "1", "--embed-dim", "32",
-                             "--num-heads", "2", "--resolution", "32", "--batch", "2", "--rank", "2", "--compile"])
+                             "--num-heads", "2", "--resolution", "32", "--batch-size", "2", "--rank", "2",
+                             "--compile"])
 
     def broken_compile(*_args, **_kwargs):
         raise RuntimeError("no C++ compiler\nmore detail")
@@ -177,3 +183,88 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     b.train_step()
     b.eval_step()
     assert torch.isfinite(b.loss_sum) and int(b.correct) >= 0
+
+
+# --------------------------------------------------------------------------------------------------- flag names
+def _parse(module, argv):
+    return module.parse_args(argv)
+
+
+def test_throughput_old_flag_names_are_aliases():
+    bench = _load(THROUGHPUT)
+    new = _parse(bench, ["--batch-size", "3", "--cpu-threads", "2"])
+    old = _parse(bench, ["--batch", "3", "--threads", "2"])
+    assert (new.batch_size, new.cpu_threads) == (old.batch_size, old.cpu_threads) == (3, 2)
+
+
+def test_dataloader_old_flag_names_are_aliases():
+    bench = _load(DATALOADER)
+    new = _parse(bench, ["--batch-size", "3", "--num-workers", "1", "--cpu-threads", "2"])
+    old = _parse(bench, ["--batch", "3", "--workers", "1", "--threads", "2"])
+    assert (new.batch_size, new.num_workers, new.cpu_threads) == (old.batch_size, old.num_workers, old.cpu_threads)
+    assert (new.batch_size, new.num_workers, new.cpu_threads) == (3, 1, 2)
+
+
+def test_precision_agreement_flag_names(tmp_path):
+    for sub in ("train", "val"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    bench = _load(AGREEMENT)
+    new = _parse(bench, ["--data-root", str(tmp_path / "data"), "--weights", str(weights), "--classes", "4",
+                         "--n-experiences", "2", "--max-train-per-class", "5", "--max-test-per-class", "6",
+                         "--batch-size", "7", "--cpu-threads", "2", "--seeds", "0", "1"])
+    old = _parse(bench, ["--data", str(tmp_path / "data"), "--weights", str(weights), "--classes", "4",
+                         "--tasks", "2", "--train-per-class", "5", "--test-per-class", "6", "--batch", "7",
+                         "--threads", "2", "--seeds", "0", "1"])
+    assert vars(new) == vars(old)
+    assert (new.n_experiences, new.max_train_per_class, new.max_test_per_class, new.batch_size, new.cpu_threads,
+            new.seeds) == (2, 5, 6, 7, 2, [0, 1])
+    with pytest.raises(SystemExit):
+        _parse(bench, ["--data-root", str(tmp_path / "data"), "--weights", str(weights), "--classes", "3"])
+
+
+def test_diagnostics_demo_flag_names(monkeypatch):
+    monkeypatch.delenv("INFLORA_TEST_DATA", raising=False)
+    monkeypatch.delenv("INFLORA_TEST_WEIGHTS", raising=False)
+    demo = _load(DIAGNOSTICS_DEMO)
+    new = demo.parse_args(["--data-root", "d", "--weights", "w", "--n-experiences", "3", "--max-train-per-class", "9",
+                           "--max-test-per-class", "8", "--resolution", "28", "--cpu-threads", "1"])
+    old = demo.parse_args(["--data", "d", "--weights", "w", "--experiences", "3", "--train-per-class", "9",
+                           "--test-per-class", "8", "--img-size", "28", "--threads", "1"])
+    assert vars(new) == vars(old)
+    assert (new.data_root, new.n_experiences, new.max_train_per_class, new.max_test_per_class, new.resolution,
+            new.cpu_threads) == ("d", 3, 9, 8, 28, 1)
+    assert demo.parse_args(["--replot"]).replot  # redrawing needs neither data nor weights
+    with pytest.raises(SystemExit):
+        demo.parse_args([])  # no data: says to pass --data-root or set INFLORA_TEST_DATA
+    monkeypatch.setenv("INFLORA_TEST_DATA", "from-env")
+    monkeypatch.setenv("INFLORA_TEST_WEIGHTS", "w-env")
+    args = demo.parse_args([])
+    assert (args.data_root, args.weights) == ("from-env", "w-env")
+
+
+RUNNER_NAMES = {"--batch-size", "--num-workers", "--cpu-threads", "--data-root", "--resolution", "--n-experiences",
+                "--max-train-per-class", "--max-test-per-class", "--weights"}
+OLD_NAMES = {"--batch", "--workers", "--threads", "--data", "--img-size", "--experiences", "--tasks",
+             "--train-per-class", "--test-per-class"}
+
+
+@pytest.mark.parametrize("script", [THROUGHPUT, DATALOADER, AGREEMENT, DIAGNOSTICS_DEMO], ids=lambda p: p.name)
+def test_help_uses_the_runner_names_and_shows_defaults_once(script):
+    proc = _run(script, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    words = set(text.replace(",", " ").replace("[", " ").replace("]", " ").split())
+    assert not words & OLD_NAMES, words & OLD_NAMES  # old names are accepted but not listed
+    assert words & RUNNER_NAMES
+    assert "(default: None)" not in text and "/work/" not in text and "shared/" not in text
+    # one default per option at most
+    for block in text.split("\n  --")[1:]:
+        assert block.count("(default") <= 1, block
+
+
+@pytest.mark.parametrize("script", [THROUGHPUT, DATALOADER, AGREEMENT, DIAGNOSTICS_DEMO], ids=lambda p: p.name)
+def test_docstrings_hold_no_machine_paths(script):
+    source = script.read_text()
+    assert "/work/" not in source and "shared/data" not in source and "shared/weights" not in source

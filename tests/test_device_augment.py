@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from inflora_avalanche.benchmarks.common import DataUnavailableError
+from inflora_avalanche.streams.common import DataUnavailableError
 from inflora_avalanche.device_augment import (
     BatchedTensorImageDataset,
     DeviceAugment,

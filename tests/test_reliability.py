@@ -18,13 +18,15 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from inflora_avalanche import experiment as E
+from inflora_avalanche.run import build, cli, loop
+from inflora_avalanche.run import config as C
+from inflora_avalanche.run.resume import CHECKPOINT_NAME, check_resume
 from inflora_avalanche.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "run_split_cifar.py"
 DEMO_ARGS = ["--demo", "--no-progress", "--set", "epochs=2"]
-TIMING_KEYS = ("train_time_s", "eval_time_s", "runtime_s")
+TIMING_KEYS = ("train_time_s", "eval_time_s", "runtime_s", "peak_memory_mb")  # measured, not computed
 
 
 def _metrics(results: dict) -> list[dict]:
@@ -35,7 +37,7 @@ def _metrics(results: dict) -> list[dict]:
 def _main(capsys, *argv, benchmark="split_cifar100"):
     threads = torch.get_num_threads()
     try:
-        code = E.main(list(argv), benchmark=benchmark)
+        code = cli.run_main(list(argv), benchmark=benchmark)
     finally:
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
@@ -65,11 +67,11 @@ def _stop_after(experiences: int):
 def interrupted_run(tmp_path_factory) -> Path:
     """A demo run (1 epoch) stopped after its first experience: the folder holds a checkpoint and no results.json."""
     out = tmp_path_factory.mktemp("interrupted") / "run"
-    config = E.load_config(E.DEMO_PRESET, {"out": str(out), "epochs": 1, "progress": False})
+    config = C.layered_config(C.DEMO_PRESET, None, {"out": str(out), "epochs": 1, "progress": False})
     threads = torch.get_num_threads()
     try:
         with pytest.raises(Stop):
-            E.run_experiment(config, on_experience_end=_stop_after(1), log=lambda *_: None)
+            loop.run_experiment(config, on_experience_end=_stop_after(1), log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -84,7 +86,7 @@ def test_sigkill_during_the_second_experience_then_resume_gives_the_same_metrics
     command = [sys.executable, str(SCRIPT), *DEMO_ARGS, "--out", str(out)]
     stderr = open(tmp_path / "killed.err", "w")
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-    checkpoint = out / E.CHECKPOINT_NAME
+    checkpoint = out / CHECKPOINT_NAME
     seen: dict = {}
 
     def kill_when_checkpointed() -> None:
@@ -129,25 +131,25 @@ def test_sigkill_during_the_second_experience_then_resume_gives_the_same_metrics
 def test_same_seed_same_results_on_cpu(interrupted_run, tmp_path):
     """Determinism: a second run with the same seed and settings reproduces the first one's numbers exactly."""
     first = json.loads((interrupted_run / "seed0" / "metrics.json").read_text())
-    config = E.load_config(E.DEMO_PRESET, {"out": str(tmp_path / "again"), "epochs": 1, "progress": False})
+    config = C.layered_config(C.DEMO_PRESET, None, {"out": str(tmp_path / "again"), "epochs": 1, "progress": False})
     threads = torch.get_num_threads()
     try:
         with pytest.raises(Stop):
-            E.run_experiment(config, on_experience_end=_stop_after(1), log=lambda *_: None)
+            loop.run_experiment(config, on_experience_end=_stop_after(1), log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
     again = json.loads((tmp_path / "again" / "seed0" / "metrics.json").read_text())
     for key in ("accuracy_matrix", "task_aware_matrix", "avalanche_stream_accuracy", "A_t"):
         assert again[key] == first[key], key
-    a = load_checkpoint(interrupted_run / E.CHECKPOINT_NAME)["strategy"]["model"]
-    b = load_checkpoint(tmp_path / "again" / E.CHECKPOINT_NAME)["strategy"]["model"]
+    a = load_checkpoint(interrupted_run / CHECKPOINT_NAME)["strategy"]["model"]
+    b = load_checkpoint(tmp_path / "again" / CHECKPOINT_NAME)["strategy"]["model"]
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b[key]), key
 
 
 def test_checkpoint_holds_branches_heads_memory_and_rng(interrupted_run):
-    state = load_checkpoint(interrupted_run / E.CHECKPOINT_NAME)
+    state = load_checkpoint(interrupted_run / CHECKPOINT_NAME)
     model = state["strategy"]["model"]
     assert model["_extra_state"]["task_classes"] == [[0, 1]]
     assert model["heads.0.weight"].shape == (2, 64)
@@ -189,7 +191,7 @@ def test_checkpoint_format_round_trip_and_corruption(tmp_path):
 )
 def test_resume_refuses_a_checkpoint_of_another_run(interrupted_run, tmp_path, capsys, argv, needle):
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({k: v for k, v in E.load_preset(E.DEMO_PRESET).items() if k != "preset"}))
+    other.write_text(json.dumps({k: v for k, v in C.load_preset(C.DEMO_PRESET).items() if k != "preset"}))
     argv = [a.replace("{other}", str(other)) for a in argv]
     run = tmp_path / "run"
     shutil.copytree(interrupted_run, run)
@@ -201,15 +203,15 @@ def test_resume_refuses_a_checkpoint_of_another_run(interrupted_run, tmp_path, c
 
 def test_resume_refuses_different_data(interrupted_run):
     """The stream's classes and sizes are checked too (e.g. a data folder whose content changed)."""
-    config = E.load_config(E.DEMO_PRESET, {"epochs": 1})
-    state = load_checkpoint(interrupted_run / E.CHECKPOINT_NAME)
-    _, info = E.build_benchmark(config)
-    E.check_resume(config, info, state, interrupted_run)  # the same data: accepted
+    config = C.layered_config(C.DEMO_PRESET, None, {"epochs": 1})
+    state = load_checkpoint(interrupted_run / CHECKPOINT_NAME)
+    _, info = build.build_stream(config)
+    check_resume(config, info, state, interrupted_run)  # the same data: accepted
     info.train_size += 1
     with pytest.raises(CheckpointError, match="data stream differs .*train_size"):
-        E.check_resume(config, info, state, interrupted_run)
+        check_resume(config, info, state, interrupted_run)
     # other settings may change (e.g. a lower learning rate after a divergence); they are reported
-    assert E.check_resume({**config, "lr": 0.001}, E.build_benchmark(config)[1], state, interrupted_run) == {
+    assert check_resume({**config, "lr": 0.001}, build.build_stream(config)[1], state, interrupted_run) == {
         "lr": (0.01, 0.001)}
 
 
@@ -217,23 +219,23 @@ def test_resume_refuses_other_backbone_weights(interrupted_run, tmp_path, capsys
     """Same settings but other weights (a checksum of the frozen backbone differs): refused, nothing touched."""
     run = tmp_path / "run"
     shutil.copytree(interrupted_run, run)
-    state = load_checkpoint(run / E.CHECKPOINT_NAME)
+    state = load_checkpoint(run / CHECKPOINT_NAME)
     state["fingerprint"] += 1e-3
-    save_checkpoint(run / E.CHECKPOINT_NAME, state)
-    before = (run / E.CHECKPOINT_NAME).read_bytes()
+    save_checkpoint(run / CHECKPOINT_NAME, state)
+    before = (run / CHECKPOINT_NAME).read_bytes()
     code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--out", str(run), "--resume")
     _one_line_error(code, err, "backbone weights differ from those the checkpoint was trained on")
-    assert (run / E.CHECKPOINT_NAME).read_bytes() == before
+    assert (run / CHECKPOINT_NAME).read_bytes() == before
     assert not (run / "seed0" / "csv_resume1").exists()  # refused before any logger opened its files
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / E.CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     code, err = _main(capsys, "--demo", "--no-progress", "--out", str(out), "--resume")
     _one_line_error(code, err, "cannot read checkpoint", "--overwrite")
-    assert (out / E.CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
+    assert (out / CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
 
 
 # --------------------------------------------------------------------------------------------------- bad inputs
@@ -285,7 +287,7 @@ def _bad_cases(tmp_path: Path) -> dict:
         "classes do not divide (folder)": (["--preset", tiny, "--data-root", str(five), "--out", out], "imagenet_r",
                                            "5 classes"),
         "classes do not divide (fixed)": (demo + ["--experiences", "3"], "split_cifar100",
-                                          "cannot be split evenly into 3 experiences; choose --experiences among"),
+                                          "cannot be split evenly into 3 experiences; choose --n-experiences among"),
         "rank >= width": (demo + ["--set", "rank=64"], "split_cifar100", "rank must be an integer in [1, 63]"),
         "lamb out of range": (demo + ["--set", "lamb=1.5"], "split_cifar100", "lamb must be in (0, 1]"),
         "lame below lamb": (demo + ["--set", "lame=0.5"], "split_cifar100", "lame (0.5) must be >= lamb"),
@@ -319,15 +321,13 @@ def test_bad_input_is_one_line_exit_2_before_training(case, tmp_path, capsys, mo
     if case.startswith("global batch"):
         monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # a run without --out would write results/... here
     before = sorted(p.name for p in tmp_path.rglob("*"))
     started = time.perf_counter()
     code, err = _main(capsys, *argv, benchmark=benchmark)
     _one_line_error(code, err, needle)
     assert time.perf_counter() - started < 60  # no training happened
-    if "--out" not in argv:
-        assert not Path("results").exists() or not any(Path("results").rglob("checkpoint.safetensors"))
-    else:
-        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, nothing removed
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, nothing removed
     if case == "existing output folder":
         assert (tmp_path / "existing" / "results.json").read_text() == "{}"
 
@@ -351,11 +351,11 @@ class PoisonLoss(SupervisedPlugin):
 
 def test_non_finite_loss_stops_with_experience_and_iteration_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    poisoned = functools.partial(E.run_experiment, extra_plugins=lambda seed: [PoisonLoss(2, 3)])
-    monkeypatch.setattr(E, "run_experiment", poisoned)
+    poisoned = functools.partial(loop.run_experiment, extra_plugins=lambda seed: [PoisonLoss(2, 3)])
+    monkeypatch.setattr(loop, "run_experiment", poisoned)
     code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--out", str(out))
     _one_line_error(code, err, "not finite", "seed 0, experience 2/5, iteration 3 (epoch 1)",
-                    f"the last good checkpoint is {out / E.CHECKPOINT_NAME}", exit_code=3)
-    state = load_checkpoint(out / E.CHECKPOINT_NAME)
+                    f"the last good checkpoint is {out / CHECKPOINT_NAME}", exit_code=3)
+    state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["experiences_done"] == 1
     assert not (out / "results.json").exists()

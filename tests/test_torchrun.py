@@ -12,14 +12,16 @@ from pathlib import Path
 
 import torch
 
-from inflora_avalanche import experiment as E
+from inflora_avalanche.run import build, cli, loop
+from inflora_avalanche.run import config as C
+from inflora_avalanche.run.resume import CHECKPOINT_NAME, check_resume
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "run_split_cifar.py"
 # "fixed" training order: one seeded permutation per experience read in order, so 1 and 2 processes see the same
 # global batches (DistributedSampler's shuffle would permute differently from a single DataLoader's).
 ARGS = ["--demo", "--no-progress", "--set", "epochs=1", "--set", "train_shuffle=\"fixed\""]
-TIMING_KEYS = ("train_time_s", "eval_time_s", "runtime_s")
+TIMING_KEYS = ("train_time_s", "eval_time_s", "runtime_s", "peak_memory_mb")  # measured, not computed
 
 
 def _torchrun(*argv: str) -> list[str]:
@@ -38,7 +40,7 @@ def test_two_processes_give_the_single_process_metrics(tmp_path, capsys):
                             text=True, env=_env())
     threads = torch.get_num_threads()
     try:  # the single-process run, in this process while the two ranks start
-        assert E.main(ARGS + ["--out", str(tmp_path / "single")]) == 0
+        assert cli.run_main(ARGS + ["--out", str(tmp_path / "single")]) == 0
     finally:
         torch.set_num_threads(threads)
         stdout, stderr = proc.communicate(timeout=600)
@@ -64,7 +66,7 @@ def test_two_processes_give_the_single_process_metrics(tmp_path, capsys):
     # rank 0 alone logs and writes: one progress line per experience, one set of log files, one checkpoint
     assert stdout.count("experience 1/5:") == 1 and stdout.count("results: ") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
-    assert (out / E.CHECKPOINT_NAME).is_file()
+    assert (out / CHECKPOINT_NAME).is_file()
 
 
 def test_a_user_error_ends_every_rank_with_exit_code_2(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inflora_avalanche.benchmarks import (
+from inflora_avalanche.streams import (
     DataUnavailableError,
     ImageFileDataset,
     ImageLoadError,
@@ -24,7 +24,7 @@ from inflora_avalanche.benchmarks import (
     split_domainnet,
     split_imagenet_r,
 )
-from inflora_avalanche.benchmarks.domainnet import DOMAINNET_DOMAINS
+from inflora_avalanche.streams.domainnet import DOMAINNET_DOMAINS
 
 TEST_DATA = os.environ.get("INFLORA_TEST_DATA")
 

@@ -252,4 +252,28 @@ class L2PCompat(LearningToPrompt):
         return logits
 
 
-__all__ = ["BackboneNotSupported", "L2PCompat", "PromptedViT", "check_prompt_backbone"]
+def l2p_strategy(config: dict, backbone: nn.Module, info: Any, evaluator: Any, plugins: list, device: str,
+                 seed: int) -> Any:
+    """L2P on the same backbone as the other methods (it wraps it with a prompt pool and one head over all
+    ``num_classes`` labels of the stream); its lr is the configured one (scaled: see ``scaled_lr``)."""
+    from . import MethodNotApplicable, scaled_lr
+    from .finetune import check_plain_training, common_kwargs
+
+    check_plain_training(config)
+    try:
+        return L2PCompat(
+            backbone=backbone,
+            num_classes=info.num_classes,
+            criterion=nn.CrossEntropyLoss(),
+            lr=scaled_lr(config, "lr"),
+            pool_size=config["l2p_pool_size"],
+            prompt_length=config["l2p_prompt_length"],
+            top_k=config["l2p_top_k"],
+            sim_coefficient=config["l2p_sim_coefficient"],
+            **common_kwargs(config, evaluator, plugins, device),
+        )
+    except BackboneNotSupported as err:
+        raise MethodNotApplicable(str(err)) from None
+
+
+__all__ = ["BackboneNotSupported", "L2PCompat", "PromptedViT", "l2p_strategy", "check_prompt_backbone"]

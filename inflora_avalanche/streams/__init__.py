@@ -1,4 +1,5 @@
-"""Class-incremental benchmark streams: Split CIFAR-100, ImageNet-R, DomainNet, any image folder, and a demo."""
+"""Class-incremental benchmark streams: Split CIFAR-100, ImageNet-R, DomainNet, any image folder, the digits demo and a
+synthetic stream."""
 
 from .cifar import split_cifar100
 from .common import (
@@ -14,6 +15,7 @@ from .digits import split_digits
 from .domainnet import DOMAINNET_DOMAINS, split_domainnet
 from .folder import ImageFileDataset, folder_benchmark, folder_split, read_manifest, scan_class_folders
 from .imagenet_r import split_imagenet_r
+from .synthetic import split_synthetic
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,4 +35,5 @@ __all__ = [
     "split_digits",
     "split_domainnet",
     "split_imagenet_r",
+    "split_synthetic",
 ]

@@ -1,0 +1,221 @@
+"""The fine-tuning baselines: linear probe, Naive, EWC, LwF and Joint, each Avalanche's own strategy on a timm
+backbone under one class-incremental linear head, with a backbone and a head learning rate and a fresh Adam per
+experience (as InfLoRA restarts its optimiser per task)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import IncrementalClassifier
+from avalanche.training import EWC, JointTraining, LwF, Naive
+from torch import nn
+
+from ..run.config import ConfigError
+from . import scaled_lr
+
+
+class LinearHeadViT(nn.Module):
+    """A timm backbone (pooled pre-logits feature) followed by Avalanche's ``IncrementalClassifier``.
+
+    The head is created at the full width of the stream (``num_classes``) with masking on: a class's logit is
+    ``-1000`` until an experience with that class has been trained, so evaluation on any experience is well
+    defined and all baselines share exactly the same head. With ``freeze_backbone`` only the head trains (the
+    linear probe) and the backbone runs in eval mode.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, freeze_backbone: bool = False) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if hasattr(backbone, "reset_classifier"):
+            backbone.reset_classifier(0)
+        self.backbone = backbone
+        self.feature_dim = int(getattr(backbone, "num_features", getattr(backbone, "embed_dim", 0)))
+        if self.feature_dim < 1:
+            raise ValueError(f"cannot tell the feature width of backbone {type(backbone).__name__}")
+        self.frozen_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.head = IncrementalClassifier(self.feature_dim, initial_out_features=num_classes, masking=True)
+
+    def train(self, mode: bool = True) -> "LinearHeadViT":
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.frozen_backbone:
+            with torch.no_grad():
+                features = self.backbone(x)
+        else:
+            features = self.backbone(x)
+        return self.head(features)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+
+def build_backbone(config: dict, info: Any = None) -> nn.Module:
+    """The plain timm backbone of ``config`` (no classifier): the same weights InfLoRA starts from."""
+    from ..model import create_backbone
+    from .inflora import backbone_kwargs, model_errors
+
+    weights = Path(config["weights"]).expanduser() if config["weights"] else None
+    with model_errors(config):
+        return create_backbone(config["backbone"], pretrained=bool(config["pretrained"]) and weights is None,
+                               checkpoint_path=weights, **backbone_kwargs(config))
+
+
+class AutocastPlugin(SupervisedPlugin):
+    """Runs every forward (training and evaluation) under bf16 autocast, as InfLoRA's ``precision="bf16"``."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self._context: Any = nullcontext()
+
+    def _enter(self) -> None:
+        self._context = torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        self._context.__enter__()
+
+    def _exit(self) -> None:
+        self._context.__exit__(None, None, None)
+        self._context = nullcontext()
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self._enter()
+
+    def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self._exit()
+
+    def before_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self._enter()
+
+    def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self._exit()
+
+
+class _FreshAdamPerExperience:
+    """Mixin: an Adam with a backbone and a head learning rate, rebuilt from the trainable tensors per experience.
+
+    Avalanche's default ``make_optimizer`` supports one parameter group only and puts frozen tensors in it.
+    """
+
+    backbone_lr: float
+    head_lr: float
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        model: LinearHeadViT = self.model  # type: ignore[attr-defined]
+        groups = [{"params": model.head_parameters(), "lr": self.head_lr}]
+        backbone = model.backbone_parameters()
+        if backbone:
+            groups.append({"params": backbone, "lr": self.backbone_lr})
+        self.optimizer = torch.optim.Adam(groups)  # type: ignore[attr-defined]
+        self.optimized_param_id = {}  # Avalanche's incremental optimiser bookkeeping is not used
+
+
+def _placeholder_optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # replaced by make_optimizer
+
+
+class NaiveFineTuning(_FreshAdamPerExperience, Naive):
+    """Avalanche's ``Naive`` (also the linear probe when the backbone is frozen) with two learning rates."""
+
+    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
+        self.backbone_lr, self.head_lr = backbone_lr, head_lr
+        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
+
+
+class EWCFineTuning(_FreshAdamPerExperience, EWC):
+    """Avalanche's ``EWC`` with two learning rates."""
+
+    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
+        self.backbone_lr, self.head_lr = backbone_lr, head_lr
+        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
+
+
+class LwFFineTuning(_FreshAdamPerExperience, LwF):
+    """Avalanche's ``LwF`` with two learning rates."""
+
+    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
+        self.backbone_lr, self.head_lr = backbone_lr, head_lr
+        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
+
+
+class JointFineTuning(_FreshAdamPerExperience, JointTraining):
+    """Avalanche's ``JointTraining`` (all experiences at once: the upper bound) with two learning rates."""
+
+    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
+        self.backbone_lr, self.head_lr = backbone_lr, head_lr
+        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
+
+
+def check_plain_training(config: dict) -> None:
+    """These baselines train with a constant-rate Adam; other optimiser settings are refused, not ignored."""
+    method = config["method"]
+    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
+        raise ConfigError(f"{method} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
+                          f"(got {config['optimizer']}, {config['lr_schedule']})")
+
+
+def common_kwargs(config: dict, evaluator: Any, plugins: list, device: str) -> dict:
+    """Strategy arguments every baseline shares; bf16 autocast as a plugin when asked for."""
+    plugins = list(plugins)
+    bf16 = config["precision"] == "bf16" or (config["precision"] == "auto" and device.startswith("cuda"))
+    if bf16:
+        plugins.append(AutocastPlugin(torch.device(device).type))
+    return dict(train_mb_size=config["batch_size"], train_epochs=config["epochs"],
+                eval_mb_size=config["eval_batch_size"] or config["batch_size"], device=device, evaluator=evaluator,
+                plugins=plugins)
+
+
+def head_model(config: dict, info: Any) -> LinearHeadViT:
+    """The backbone under one linear head over all classes of the stream, everything trainable."""
+    return LinearHeadViT(build_backbone(config), info.num_classes)
+
+
+def frozen_head_model(config: dict, info: Any) -> LinearHeadViT:
+    """The linear probe's model: only the head trains."""
+    return LinearHeadViT(build_backbone(config), info.num_classes, freeze_backbone=True)
+
+
+def _finetune(cls: type, config: dict, model: LinearHeadViT, evaluator: Any, plugins: list, device: str,
+              **extra: Any) -> Any:
+    check_plain_training(config)
+    head_lr = scaled_lr(config, "head_lr") or scaled_lr(config, "lr")
+    backbone_lr = 0.0 if model.frozen_backbone else scaled_lr(config, "backbone_lr")
+    if backbone_lr is None:
+        raise ConfigError(f"{config['method']} trains the backbone: set --backbone-lr")
+    return cls(model=model, criterion=nn.CrossEntropyLoss(), backbone_lr=backbone_lr, head_lr=head_lr, **extra,
+               **common_kwargs(config, evaluator, plugins, device))
+
+
+def naive_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
+                   seed: int) -> Any:
+    """Naive fine-tuning, or the linear probe when the model's backbone is frozen."""
+    return _finetune(NaiveFineTuning, config, model, evaluator, plugins, device)
+
+
+def ewc_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
+                 seed: int) -> Any:
+    return _finetune(EWCFineTuning, config, model, evaluator, plugins, device, ewc_lambda=config["ewc_lambda"],
+                     mode=config["ewc_mode"])
+
+
+def lwf_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
+                 seed: int) -> Any:
+    return _finetune(LwFFineTuning, config, model, evaluator, plugins, device, alpha=config["lwf_alpha"],
+                     temperature=config["lwf_temperature"])
+
+
+def joint_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
+                   seed: int) -> Any:
+    return _finetune(JointFineTuning, config, model, evaluator, plugins, device)

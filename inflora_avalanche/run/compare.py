@@ -1,0 +1,262 @@
+"""``inflora-avalanche compare``: run several methods through the one runner on the same stream, backbone, budget
+and seeds, then tabulate A_last, A_avg, forgetting and costs.
+
+Each method runs as ``inflora-avalanche run`` into ``OUT/<method>/`` (its own results, logs, checkpoint and resume),
+by default in a fresh process so that its peak memory and time are its own. ``OUT/comparison.md``,
+``OUT/comparison.json`` and ``OUT/curves.png`` hold the table. Stream, backbone and budget settings come from the
+preset and flags; each method's hyper-parameters from its own preset (``presets/methods/<method>.json``), so a flag
+such as ``--lr`` applies to every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from ..results import average_forgetting, mean_std
+from . import config as C
+from .cli import PROG, Parser, _first_pass, _help_defaults, _overrides, add_field_flags, fail
+
+METRICS = ("A_last", "A_avg", "forgetting", "trainable_params", "train_time_s", "peak_memory_mb")
+METRIC_HEADERS = {
+    "A_last": "A_last (%)",
+    "A_avg": "A_avg (%)",
+    "forgetting": "Forgetting (%)",
+    "trainable_params": "Trainable params",
+    "train_time_s": "Train time (s)",
+    "peak_memory_mb": "Peak memory (MiB)",
+}
+DEFAULT_PRESET = "synthetic_smoke"
+
+
+# --------------------------------------------------------------------------------------------------- table
+def run_metrics(result: dict[str, Any]) -> dict[str, Optional[float]]:
+    """A_last, A_avg, forgetting and the costs of one seed's result (``results.json``'s ``seeds`` entry).
+
+    A joint run is evaluated once, after all data: it has an A_last but no A_avg or forgetting."""
+    joint = bool(result.get("joint", False))
+    return {
+        "A_last": float(result["A_last"]),
+        "A_avg": None if joint else float(result["A_avg"]),
+        "forgetting": None if joint else average_forgetting(result["accuracy_matrix"]),
+        "trainable_params": float(max(result.get("trainable_params") or [0])),
+        "train_time_s": float(sum(result.get("train_time_s") or [0.0])),
+        "peak_memory_mb": float(result.get("peak_memory_mb", 0.0)),
+    }
+
+
+def aggregate_rows(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method (in the given order): mean and std of every metric over its seeds, the mean A_t curve,
+    or the reason when it could not run. ``runs``: ``{"method", "label", "status", "reason", "results"}``."""
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"method": run["method"], "label": run["label"], "status": run["status"],
+                               "reason": run.get("reason"), "seeds": []}
+        seeds = (run.get("results") or {}).get("seeds") or []
+        if run["status"] == "ok" and seeds:
+            per_seed = [run_metrics(r) for r in seeds]
+            row["seeds"] = [r["seed"] for r in seeds]
+            for metric in METRICS:
+                values = [m[metric] for m in per_seed if m[metric] is not None]
+                row[metric] = mean_std(values) if values else None
+            curves = [r["A_t"] for r in seeds]
+            row["A_t"] = [mean_std([c[t] for c in curves])["mean"] for t in range(len(curves[0]))]
+            row["memory_kind"] = seeds[0].get("memory_kind")
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: Optional[dict], metric: str, show_std: bool) -> str:
+    if stat is None:
+        return "—"
+    if metric == "trainable_params":
+        return f"{stat['mean']:,.0f}"
+    digits = 0 if metric in ("train_time_s", "peak_memory_mb") else 2
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if show_std and stat["std"] is not None else "")
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison table in markdown; methods that could not run say why instead of disappearing."""
+    header = ["Method", "Seeds"] + [METRIC_HEADERS[m] for m in METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row["status"] != "ok":
+            reason = (row["reason"] or "").replace("|", "/").replace("\n", " ")
+            lines.append(f"| {row['label']} | — | {row['status']}: {reason} |" + " |" * (len(METRICS) - 1))
+            continue
+        show_std = len(row["seeds"]) > 1
+        cells = [_cell(row[m], m, show_std and m != "trainable_params") for m in METRICS]
+        lines.append(f"| {row['label']} | {','.join(str(s) for s in row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """A_t after each experience for every method (joint training: a dashed line at its final accuracy)."""
+    from ..results import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10.0, 5.0))
+    ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
+    num_steps = max((len(r["A_t"]) for r in rows if r["status"] == "ok"), default=1)
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        curve = row["A_t"]
+        if len(curve) == 1 and num_steps > 1:
+            ax.axhline(curve[0], linestyle="--", color="black", label=f"{row['label']} (final)")
+        else:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=row["label"])
+    ax.set_xlabel("experiences learned (t)")
+    ax.set_ylabel("A_t: accuracy on all seen classes (%)")
+    ax.set_xticks(range(1, num_steps + 1))
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- running
+def compare_parser(defaults: dict) -> Parser:
+    parser = Parser(prog=f"{PROG} compare", description=__doc__.split("\n\n")[0],
+                    usage="%(prog)s --out DIR [--methods NAME ...] [--preset NAME|FILE] [--KEY VALUE ...]")
+    parser.add_argument("--methods", nargs="+", default=list(C.list_method_presets()), metavar="METHOD",
+                        help=f"methods to run, in table order (default: all: {' '.join(C.list_method_presets())})")
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"preset giving the stream, backbone and budget (default: {DEFAULT_PRESET})")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                        help="run every method in a fresh process (default: on)")
+    add_field_flags(parser, defaults, skip=("method",))
+    return parser
+
+
+def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
+    """Parse ``compare``'s arguments; one validated config per method, each writing into ``OUT/<method>``."""
+    first = _first_pass(argv, DEFAULT_PRESET)
+    preset = first.preset or DEFAULT_PRESET
+    args = compare_parser(_help_defaults(preset, None)).parse_args(list(argv))
+    overrides = _overrides(args)
+    if "out" not in overrides or not overrides["out"]:
+        raise C.ConfigError("compare needs --out: the folder for every method's run and the table")
+    unknown = [m for m in args.methods if m not in C.list_method_presets()]
+    if unknown or not args.methods:
+        raise C.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(C.list_method_presets())}")
+    if len(set(args.methods)) != len(args.methods):
+        raise C.ConfigError(f"--methods names a method twice: {args.methods}")
+    out = Path(overrides["out"]).expanduser()
+    configs = {}
+    for method in args.methods:
+        configs[method] = C.layered_config(preset, method, {**overrides, "out": str(out / method)})
+    return args, configs
+
+
+def _run_isolated(config: dict, out: Path) -> tuple[int, str]:
+    """``inflora-avalanche run`` on ``config`` (written as a preset file) in a fresh process; (exit code, last
+    error line)."""
+    method = config["method"]
+    preset_file = out / "configs" / f"{method}.json"
+    preset_file.parent.mkdir(parents=True, exist_ok=True)
+    # With its "preset" kept: otherwise the run records the file's name (the method) as its preset, and a later
+    # `compare --resume --no-isolate` is refused as a run of another preset.
+    preset_file.write_text(json.dumps(config, indent=1))
+    command = [sys.executable, "-m", "inflora_avalanche", "run", "--preset", str(preset_file)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    sys.stderr.write(err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    return proc.returncode, (errors or lines or [""])[-1]
+
+
+def _run_here(config: dict) -> tuple[int, str]:
+    from .loop import run_experiment
+    from .parallel import one_line, user_errors
+
+    try:
+        run_experiment(config)
+    except user_errors() as err:
+        return 2, one_line(err)
+    except Exception as err:  # one failing method must not lose the others' results
+        return 1, f"{type(err).__name__}: {one_line(err)}"
+    return 0, ""
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    try:
+        args, configs = method_configs(argv)
+        from .cli import check_launch
+
+        for config in configs.values():
+            check_launch(config)
+    except C.ConfigError as err:
+        fail(str(err))
+    first = next(iter(configs.values()))
+    out = Path(first["out"]).parent
+    for name in ("comparison.md", "comparison.json"):
+        if (out / name).exists() and not (first["overwrite"] or first["resume"]):
+            fail(f"{out} already holds a comparison ({name}); choose another --out, pass --resume to finish it or "
+                 "--overwrite to run it anew")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for method, config in configs.items():
+        label = C.method_label(method)
+        print(f"== {label} ({method}) -> {config['out']}", flush=True)
+        code, reason = _run_isolated(config, out) if args.isolate else _run_here(config)
+        results_path = Path(config["out"]) / "results.json"
+        results = json.loads(results_path.read_text()) if code == 0 and results_path.is_file() else None
+        status = "ok" if results else ("n/a" if code == 2 else "error")
+        if status != "ok":
+            print(f"   {status}: {reason}", flush=True)
+        runs.append({"method": method, "label": label, "status": status, "reason": reason or None,
+                     "results": results})
+    rows = aggregate_rows(runs)
+    write_comparison(out, rows, runs, first, argv)
+    return 0
+
+
+def machine_description(config: dict) -> str:
+    import torch
+
+    device = config["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    threads = config["cpu_threads"] or torch.get_num_threads()
+    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {threads} torch "
+            f"thread(s) per run, torch {torch.__version__}")
+
+
+def write_comparison(out: Path, rows: list, runs: list, config: dict, argv: Sequence[str]) -> None:
+    from .output import write_json
+
+    command = f"{PROG} compare " + " ".join(shlex.quote(a) for a in argv)
+    table = to_markdown(rows)
+    shared = {k: config[k] for k in C.FIELD_BY_NAME if k not in C.METHOD_KEYS and k not in ("out", "method")}
+    stream = (f"{config['benchmark']} ({config['data_root'] or 'no data folder'}), {config['n_experiences']} "
+              f"experiences, {config['resolution']} px; backbone {config['backbone']}"
+              + (f" ({config['weights']})" if config["weights"] else ""))
+    memory_kind = next((r.get("memory_kind") for r in rows if r.get("memory_kind")), "")
+    write_json(out / "comparison.json", {
+        "command": command, "machine": machine_description(config), "stream": stream, "settings": shared,
+        "rows": rows, "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
+    })
+    (out / "comparison.md").write_text(
+        f"# Method comparison\n\nCommand: `{command}`\n\nMachine: {machine_description(config)}\n\nStream: {stream}; "
+        f"{config['epochs']} epoch(s), batch {config['batch_size']}, learning rates x{config['lr_scale']:g}, "
+        f"precision {config['precision']}; seeds {', '.join(map(str, config['seeds']))}. Mean ± sample std over "
+        f"seeds. Peak memory: {memory_kind}. Trainable params: tensors updated in one experience. Each method's "
+        f"own results are in its folder.\n\n{table}")
+    plot_curves(rows, out / "curves.png", title=stream)
+    print(table)
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'curves.png'}")

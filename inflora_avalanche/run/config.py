@@ -1,0 +1,391 @@
+"""The one config schema of the runner: every setting, its type, default, help, and what it means for resume.
+
+The command-line flags (``--<key-with-dashes>``), the defaults shown by ``--help``, the validation and the resume
+identity are all derived from :data:`FIELDS`. A config is built in layers, each validated with the same rules:
+
+    schema defaults < the method's preset (``presets/methods/<method>.json``) < the preset < command-line flags
+
+Method hyper-parameters (``group="method"``) of a preset apply only to the method that preset names: running a
+preset with another ``--method`` (or inside ``compare``) takes that method's own values instead.
+
+Torch-free on purpose: ``--help`` and every configuration error come before any heavy import.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+METHOD_PRESET_DIR = PRESET_DIR / "methods"
+DEMO_PRESET = "demo_digits"
+BENCHMARKS = ("split_cifar100", "imagenet_r", "domainnet", "folder", "digits", "synthetic")
+FIXED_CLASS_COUNTS = {"split_cifar100": 100, "digits": 10}
+
+
+class ConfigError(ValueError):
+    """A mistake in the presets or options; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting. ``kind``: int, float, bool, str (non-empty), text, choice, ints, floats, strs, json, path,
+    int_or_ints, int_or_strs.
+
+    ``resume``: ``"identity"`` (a checkpoint made with another value is refused), ``"free"`` (may change freely
+    between a run and its resume: does not change what is computed) or ``"warn"`` (allowed, reported as a change).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    group: str = "run"
+    choices: tuple = ()
+    minimum: Optional[float] = None
+    nullable: bool = False
+    resume: str = "warn"
+    aliases: tuple = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_F = Field
+FIELDS: tuple[Field, ...] = (
+    # ------------------------------------------------------------------ what runs
+    _F("method", "str", "inflora", "method to run (see `inflora-avalanche presets`)", resume="identity"),
+    _F("description", "text", "", "free text shown in the summary", resume="free"),
+    _F("seeds", "ints", [0], "seeds; mean ± std is reported over them", resume="identity"),
+    _F("demo", "bool", False, "offline CPU demo on scikit-learn's digits with a tiny random ViT (not the benchmark)",
+       resume="free"),
+    _F("published", "json", {}, "published figures shown next to ours in the summary", resume="free"),
+    # ------------------------------------------------------------------ data stream
+    _F("benchmark", "choice", "split_cifar100", "data stream", group="stream", choices=BENCHMARKS,
+       resume="identity"),
+    _F("data_root", "path", None, "data folder (CIFAR-100: holds cifar-100-python/; ImageNet-R: the 200 class "
+       "folders; DomainNet: the domains and <domain>_train.txt lists; folder: root/<class>/ or root/train|val/<class>/)",
+       group="stream", nullable=True, resume="free"),
+    _F("download", "bool", True, "download CIFAR-100 when it is missing", group="stream", resume="free"),
+    _F("n_experiences", "int", 10, "number of experiences (tasks)", group="stream", minimum=1, resume="identity",
+       aliases=("--experiences",)),
+    _F("class_order", "ints", None, "class order (a permutation of the labels); default 0..C-1", group="stream",
+       nullable=True, resume="identity"),
+    _F("classes", "int_or_strs", None, "folder streams: the first N classes (name order) or the named class folders",
+       group="stream", nullable=True, resume="identity"),
+    _F("max_train_per_class", "int", None, "folder/synthetic streams: at most this many training images per class",
+       group="stream", minimum=1, nullable=True, resume="identity"),
+    _F("max_test_per_class", "int", None, "folder/synthetic streams: at most this many test images per class",
+       group="stream", minimum=1, nullable=True, resume="identity"),
+    _F("test_fraction", "float", 0.2, "share of each class held out for testing (ImageNet-R, folders without "
+       "train/ and val/)", group="stream", resume="identity"),
+    _F("split_seed", "int", 0, "seed of the per-class train/test split", group="stream", minimum=0,
+       resume="identity"),
+    _F("split_manifest", "path", None, "reuse the split manifest (JSON) of an earlier run", group="stream",
+       nullable=True, resume="free"),
+    _F("domains", "strs", None, "DomainNet: the domains to use (default all six)", group="stream", nullable=True,
+       resume="identity"),
+    _F("resolution", "int", 224, "input resolution in pixels", group="stream", minimum=1, resume="identity"),
+    _F("normalize", "bool", False, "normalise pixels with mean/std (the paper feeds [0, 1] pixels)", group="stream",
+       resume="identity"),
+    _F("mean", "floats", None, "normalisation mean (3 numbers; default ImageNet's)", group="stream", nullable=True,
+       resume="identity"),
+    _F("std", "floats", None, "normalisation std (3 numbers; default ImageNet's)", group="stream", nullable=True,
+       resume="identity"),
+    _F("device_augment", "bool", False, "Split CIFAR-100: keep uint8 tensors and crop/flip/resize them in batches "
+       "on the device", group="stream"),
+    # ------------------------------------------------------------------ model
+    _F("backbone", "str", "vit_base_patch16_224.augreg_in21k", "timm model name of the backbone", group="model",
+       resume="identity"),
+    _F("pretrained", "bool", True, "load timm's pretrained weights (downloaded once, then cached)", group="model",
+       resume="identity"),
+    _F("weights", "path", None, "local backbone checkpoint (.safetensors/.pth/.npz, timm key names) instead of "
+       "timm's download", group="model", nullable=True, resume="free"),
+    _F("backbone_kwargs", "json", {}, "JSON object passed to timm.create_model (e.g. {\"dynamic_img_size\": true})",
+       group="model", resume="identity"),
+    # ------------------------------------------------------------------ method hyper-parameters
+    _F("rank", "int", 10, "InfLoRA: rank of each task's branches", group="method", minimum=1, resume="identity"),
+    _F("adapted_blocks", "int_or_ints", None, "InfLoRA: blocks with branches (N = the first N; a list of indices; "
+       "default all)", group="method", nullable=True, resume="identity"),
+    _F("reset_final_norm", "bool", False, "replace the backbone's final LayerNorm by a fresh one (InfLoRA+CA)",
+       group="method", resume="identity"),
+    _F("lamb", "float", 0.95, "InfLoRA: threshold of the first task (eps_t = lamb + (lame - lamb) t / T)",
+       group="method", resume="identity"),
+    _F("lame", "float", 1.0, "InfLoRA: threshold of the last task", group="method", resume="identity"),
+    _F("memory", "choice", "dualgpm", "InfLoRA: subspace memory", group="method", choices=("dualgpm", "gpm"),
+       resume="identity"),
+    _F("classifier_alignment", "json", None, "InfLoRA+CA: ClassifierAlignmentPlugin settings (JSON object; {} = "
+       "its defaults)", group="method", nullable=True, resume="identity"),
+    _F("ewc_lambda", "float", 1e4, "EWC: penalty weight", group="method", minimum=0),
+    _F("ewc_mode", "choice", "separate", "EWC: Avalanche's mode", group="method", choices=("separate", "online")),
+    _F("lwf_alpha", "float", 1.0, "LwF: distillation weight", group="method", minimum=0),
+    _F("lwf_temperature", "float", 2.0, "LwF: distillation temperature", group="method", minimum=0),
+    _F("l2p_pool_size", "int", 10, "L2P: prompt pool size", group="method", minimum=1, resume="identity"),
+    _F("l2p_prompt_length", "int", 5, "L2P: tokens per prompt", group="method", minimum=1, resume="identity"),
+    _F("l2p_top_k", "int", 5, "L2P: prompts selected per image", group="method", minimum=1, resume="identity"),
+    _F("l2p_sim_coefficient", "float", 0.1, "L2P: weight of the key-matching loss", group="method", minimum=0),
+    # ------------------------------------------------------------------ optimisation
+    _F("optimizer", "choice", "adam", "optimiser (rebuilt for every experience)", group="method",
+       choices=("adam", "sgd")),
+    _F("lr", "float", 5e-4, "learning rate (InfLoRA: of the branches and, unless --head-lr, the head)",
+       group="method", minimum=0),
+    _F("head_lr", "float", None, "learning rate of the classifier head (default: --lr)", group="method", minimum=0,
+       nullable=True),
+    _F("backbone_lr", "float", None, "full fine-tuning methods: learning rate of the backbone", group="method",
+       minimum=0, nullable=True),
+    _F("lr_reference_batch", "int", None, "scale every learning rate by batch_size / this (the linear scaling "
+       "rule; L2P's lr is given for batch 256)", group="method", minimum=1, nullable=True),
+    _F("lr_scale", "float", 1.0, "multiply every learning rate (the same factor for all methods of a comparison)",
+       group="training", minimum=0),
+    _F("betas", "floats", [0.9, 0.999], "Adam betas", group="method"),
+    _F("momentum", "float", 0.9, "SGD momentum", group="method", minimum=0),
+    _F("weight_decay", "float", 0.0, "weight decay", group="method", minimum=0),
+    _F("lr_schedule", "choice", "cosine", "per-epoch schedule: cosine (the reference's CosineSchedule), annealing "
+       "(torch's CosineAnnealingLR), step (x gamma at each milestone) or constant", group="method",
+       choices=("cosine", "annealing", "step", "constant")),
+    _F("milestones", "ints", [], "epochs at which the step schedule multiplies the lr by gamma", group="method"),
+    _F("gamma", "float", 0.1, "factor of the step schedule", group="method", minimum=0),
+    _F("epochs", "int", 20, "training epochs per experience", group="training", minimum=1),
+    _F("batch_size", "int", 128, "training minibatch size (global under torchrun)", group="training", minimum=1),
+    _F("eval_batch_size", "int", None, "evaluation minibatch size (default: --batch-size)", group="training",
+       minimum=1, nullable=True, resume="free"),
+    _F("precision", "choice", "auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32",
+       group="training", choices=("auto", "bf16", "fp32")),
+    _F("train_shuffle", "choice", "true", "shuffle the training data each epoch (true), not at all (false), or "
+       "one seeded order per experience that is the same for any number of processes (fixed)", group="training",
+       choices=("true", "false", "fixed")),
+    _F("deterministic", "bool", False, "deterministic torch kernels", group="training"),
+    # ------------------------------------------------------------------ where and how
+    _F("device", "str", "auto", "auto, cpu, cuda, cuda:N or mps", resume="free"),
+    _F("num_workers", "int", None, "DataLoader worker processes (default: up to 8 CPU cores)", minimum=0,
+       nullable=True, resume="free"),
+    _F("cpu_threads", "int", None, "torch CPU threads (1 avoids oversubscription for tiny models)", minimum=1,
+       nullable=True, resume="free"),
+    _F("out", "path", None, "results folder (default results/<preset>/<date-time>); must be new or empty",
+       nullable=True, resume="free"),
+    _F("overwrite", "bool", False, "allow writing into an existing non-empty --out folder", resume="free"),
+    _F("resume", "bool", False, "continue the run in --out from its checkpoint (written after every experience)",
+       resume="free"),
+    _F("export", "path", None, "after every experience, write a plain timm checkpoint to "
+       "DIR/seed<N>/after_exp<t>.safetensors (InfLoRA methods)", nullable=True, resume="free"),
+    _F("progress", "bool", None, "progress bars (default: only when the output is a terminal)", nullable=True,
+       resume="free"),
+    _F("diagnostics", "bool", True, "subspace diagnostics per layer and task (InfLoRA methods)"),
+)
+FIELD_BY_NAME = {f.name: f for f in FIELDS}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS}
+METHOD_KEYS = frozenset(f.name for f in FIELDS if f.group == "method")
+RESUME_IDENTITY_KEYS = frozenset(f.name for f in FIELDS if f.resume == "identity") | {"preset"}
+RESUME_FREE_KEYS = frozenset(f.name for f in FIELDS if f.resume == "free")
+
+
+# --------------------------------------------------------------------------------------------------- presets
+def list_presets() -> list[str]:
+    """Names of the experiment presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def list_method_presets() -> list[str]:
+    return sorted(p.stem for p in METHOD_PRESET_DIR.glob("*.json"))
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{what} {path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def resolve_preset_name(name: str, prefix: str = "") -> str:
+    """A shipped preset's name, also when given without the script's prefix (``inflora_ca`` -> ``cifar100_...``)."""
+    names = list_presets()
+    if name not in names and prefix and prefix + name in names:
+        return prefix + name
+    return name
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (shipped with the package) or by the path of a JSON file; checked key by key."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".json":
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(list_presets())} or a .json file")
+    preset = _read_json_object(path, "preset")
+    preset.setdefault("preset", path.stem)
+    check_values({k: v for k, v in preset.items() if k != "preset"}, f"preset {path.name}")
+    return preset
+
+
+def load_method_preset(method: str) -> dict:
+    """The hyper-parameters a method brings (``presets/methods/<method>.json``)."""
+    path = METHOD_PRESET_DIR / f"{method}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(list_method_presets())}")
+    preset = _read_json_object(path, "method preset")
+    preset.pop("label", None)
+    check_values(preset, f"method preset {path.name}")
+    bad = sorted(set(preset) - METHOD_KEYS - {"reset_final_norm"})
+    if bad:
+        raise ConfigError(f"method preset {path.name} may only set method hyper-parameters, not {bad}")
+    return preset
+
+
+def method_label(method: str) -> str:
+    path = METHOD_PRESET_DIR / f"{method}.json"
+    return str(_read_json_object(path, "method preset").get("label", method)) if path.is_file() else method
+
+
+def layered_config(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
+    """Schema defaults < method preset < ``preset`` (its method keys only for its own method) < ``overrides``.
+
+    ``method=None`` takes the preset's method. The result is validated."""
+    return validate_config(merge_layers(preset, method, overrides))
+
+
+def merge_layers(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
+    """:func:`layered_config` without the final validation (each layer is still checked value by value)."""
+    overrides = dict(overrides or {})
+    method = method or overrides.pop("method", None)
+    chosen = load_preset(preset)
+    method = method or chosen.get("method") or DEFAULTS["method"]
+    if chosen.get("method", DEFAULTS["method"]) != method:
+        chosen = {k: v for k, v in chosen.items() if k not in METHOD_KEYS}
+    config = copy.deepcopy(DEFAULTS)
+    config.update(load_method_preset(method))
+    config.update(chosen)
+    config["method"] = method
+    check_values(overrides, "the command line")
+    config.update(overrides)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------- values
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_KIND_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "path": (lambda v: isinstance(v, str) and v != "", "a path"),
+    "choice": (lambda v: isinstance(v, str), "one of the choices"),
+    "ints": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
+    "floats": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
+    "strs": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of names"),
+    "json": (lambda v: isinstance(v, dict), "a JSON object"),
+    "int_or_ints": (lambda v: _is_int(v) or (isinstance(v, list) and v and all(_is_int(x) for x in v)),
+                    "an integer or a list of integers"),
+    "int_or_strs": (lambda v: _is_int(v) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
+                    "an integer or a list of names"),
+}
+
+
+def check_value(field: Field, value: Any, where: str) -> None:
+    """Type, choices and lower bound of one value; raises :class:`ConfigError` naming the flag."""
+    if value is None:
+        if not field.nullable:
+            raise ConfigError(f"{field.name} ({where}) must be set, got null")
+        return
+    if field.kind == "choice" and field.name == "train_shuffle" and isinstance(value, bool):
+        return  # presets may write true/false for the shuffle switch
+    check, what = _KIND_CHECKS[field.kind]
+    if not check(value):
+        raise ConfigError(f"{field.name} ({where}) must be {what}, got {value!r}; set it with {field.flag}")
+    if field.choices and value not in field.choices:
+        raise ConfigError(f"{field.name} ({where}) must be one of {', '.join(field.choices)}, got {value!r}")
+    if field.minimum is not None:
+        numbers = value if isinstance(value, list) else [value]
+        low = [x for x in numbers if _is_number(x) and x < field.minimum]
+        if low:
+            raise ConfigError(f"{field.name} ({where}) must be >= {field.minimum:g}, got {value!r}")
+
+
+def check_values(values: dict, where: str) -> None:
+    unknown = sorted(set(values) - set(FIELD_BY_NAME) - {"preset"})
+    if unknown:
+        hint = _closest(unknown[0])
+        raise ConfigError(f"unknown setting(s) {unknown} in {where}" + (f"; did you mean {hint!r}?" if hint else
+                          "; `inflora-avalanche run --help` lists them all"))
+    for key, value in values.items():
+        if key != "preset":
+            check_value(FIELD_BY_NAME[key], value, where)
+
+
+def _closest(name: str) -> Optional[str]:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(FIELD_BY_NAME), n=1)
+    return match[0] if match else None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(config: dict) -> dict:
+    """Every value by its field, then the rules that tie settings together; :class:`ConfigError` in one line."""
+    check_values(config, "the config")
+    missing = sorted(set(FIELD_BY_NAME) - set(config))
+    _check(not missing, f"settings missing from the config: {missing}")
+    c = config
+    if isinstance(c["train_shuffle"], bool):
+        c["train_shuffle"] = "true" if c["train_shuffle"] else "false"
+    _check(bool(c["seeds"]), "seeds must name at least one seed")
+    _check(len(set(c["seeds"])) == len(c["seeds"]), f"seeds must be distinct, got {c['seeds']}")
+    _check(all(0 <= s < 2**32 for s in c["seeds"]), f"seeds must be in 0 .. 2**32-1, got {c['seeds']}")
+    _check(c["lr"] > 0, f"lr must be positive, got {c['lr']}")
+    for key in ("head_lr", "backbone_lr"):
+        _check(c[key] is None or c[key] > 0, f"{key} must be positive, got {c[key]}")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c["device"]) is not None,
+           f"device must be auto, cpu, cuda, cuda:N or mps, got {c['device']!r}")
+    for key in ("mean", "std"):
+        _check(c[key] is None or len(c[key]) == 3, f"{key} must be 3 numbers, got {c[key]!r}")
+    _check(len(c["betas"]) == 2 and all(0 <= b < 1 for b in c["betas"]), f"betas must be 2 numbers in [0, 1)")
+    _check(0 < c["test_fraction"] < 1, f"test_fraction must be in (0, 1), got {c['test_fraction']}")
+    _check(0 < c["lamb"] <= 1, f"lamb must be in (0, 1], got {c['lamb']}; the paper uses 0.95 (CIFAR-100) or 0.98 "
+           "(ImageNet-R)")
+    _check(0 < c["lame"] <= 1, f"lame must be in (0, 1], got {c['lame']}; the paper uses 1.0")
+    _check(c["lame"] >= c["lamb"], f"lame ({c['lame']}) must be >= lamb ({c['lamb']}): the threshold grows from lamb "
+           "to lame over tasks")
+    if c["classes"] is not None or c["max_train_per_class"] or c["max_test_per_class"]:
+        _check(c["benchmark"] in ("folder", "synthetic"), "classes / max_train_per_class / max_test_per_class only "
+               "apply to folder and synthetic streams")
+    if _is_int(c["classes"]):
+        _check(c["classes"] >= 1, f"classes must be positive, got {c['classes']}")
+        _check(c["classes"] % c["n_experiences"] == 0,
+               f"{c['classes']} classes cannot be split evenly into {c['n_experiences']} experiences")
+    if c["benchmark"] in ("imagenet_r", "domainnet", "folder"):
+        _check(bool(c["data_root"]), f"the {c['benchmark']} stream needs --data-root (the folder that holds the images)")
+    for key in ("weights", "split_manifest"):
+        if c[key] is not None:
+            _check(Path(c[key]).expanduser().is_file(), f"--{key.replace('_', '-')} {c[key]}: no such file")
+    known = FIXED_CLASS_COUNTS.get(c["benchmark"])
+    if known is not None:
+        _check(known % c["n_experiences"] == 0,
+               f"the {known} classes of {c['benchmark']} cannot be split evenly into {c['n_experiences']} experiences; "
+               f"choose --n-experiences among {[n for n in range(1, known + 1) if known % n == 0]}")
+    _check(not (c["resume"] and c["overwrite"]),
+           "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
+    _check(not (c["device_augment"] and c["benchmark"] != "split_cifar100"),
+           "device_augment is for Split CIFAR-100 (decoded uint8 tensors); folder streams decode in DataLoader "
+           "workers: drop --device-augment")
+    return config
