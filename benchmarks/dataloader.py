@@ -31,7 +31,6 @@ GPU:            python benchmarks/dataloader.py --device cuda --resolution 224 -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from inflora_avalanche.io import atomic_write_json
 from inflora_avalanche.run.cli import ScriptHelpFormatter
 
 PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached")
@@ -296,8 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dataloader.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

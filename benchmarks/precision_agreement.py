@@ -18,7 +18,6 @@ python benchmarks/precision_agreement.py --data-root /path/to/tiny-imagenet-100 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from inflora_avalanche.io import atomic_write_json, open_rgb, scan_class_folders
 from inflora_avalanche.run.cli import ScriptHelpFormatter
 from inflora_avalanche.streams.common import IMAGENET_MEAN, IMAGENET_STD
 
@@ -70,17 +70,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load_split(root: Path, classes: list[str], per_class: int):
-    from PIL import Image
-
+def load_split(files: dict[str, list[str]], classes: list[str], per_class: int):
+    """The first ``per_class`` images (name order) of each of ``classes``; ``files`` as from ``scan_class_folders``."""
     from inflora_avalanche.streams.common import TensorImageDataset
     from inflora_avalanche.device_augment import images_to_uint8_tensor
 
     images, targets = [], []
     for label, name in enumerate(classes):
-        files = sorted((root / name).glob("*"))[:per_class]
-        images += [Image.open(f).convert("RGB") for f in files]
-        targets += [label] * len(files)
+        chosen = files.get(name, [])[:per_class]
+        images += [open_rgb(f) for f in chosen]
+        targets += [label] * len(chosen)
     return TensorImageDataset(images_to_uint8_tensor(images), targets)
 
 
@@ -126,9 +125,10 @@ def run_path(args: argparse.Namespace, path: str, seed: int, train_ds, test_ds) 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.cpu_threads)
-    classes = sorted(d.name for d in (args.data_root / "train").iterdir() if d.is_dir())[: args.classes]
-    train_ds = load_split(args.data_root / "train", classes, args.max_train_per_class)
-    test_ds = load_split(args.data_root / "val", classes, args.max_test_per_class)
+    classes, train_files = scan_class_folders(args.data_root / "train")
+    classes = classes[: args.classes]
+    train_ds = load_split(train_files, classes, args.max_train_per_class)
+    test_ds = load_split(scan_class_folders(args.data_root / "val")[1], classes, args.max_test_per_class)
     results = []
     for seed in args.seeds:
         for path in ("fast", "fp32"):
@@ -142,8 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "results": results}
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
     return 0
 
 

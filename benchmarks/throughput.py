@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -47,6 +46,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from inflora_avalanche.io import atomic_write_json
 from inflora_avalanche.run.cli import ScriptHelpFormatter
 
 MODES = ("fast", "resum", "paper")
@@ -326,12 +326,11 @@ class Bench:
         if self.mode == "paper":
             self._host_covariance_pass(batches)
             return
-        from inflora_avalanche.plugins import collect_input_covariances
+        from inflora_avalanche.plugins import ForwardContext, collect_input_covariances
 
         prepare = None if self.augment is None else (lambda x: self.augment(x, True))
-        collect_input_covariances(
-            self.model, [self.x] * batches, self.device, self.autocast() if self.bf16 else None, prepare=prepare
-        )
+        forward = ForwardContext(prepare, self.autocast if self.bf16 else None)
+        collect_input_covariances(self.model, [self.x] * batches, self.device, forward)
 
     @torch.no_grad()
     def _host_covariance_pass(self, batches: int) -> None:
@@ -588,8 +587,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"throughput.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from inflora_avalanche.io import atomic_write_json, list_images, open_rgb
 from inflora_avalanche.run.cli import ScriptHelpFormatter
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -44,17 +45,15 @@ class Images(torch.utils.data.Dataset):
 
 def load_split(root: Path, wnids: list[str], split: str, per_class: int, size: int) -> Images:
     """At most ``per_class`` images of each class (the first in name order)."""
-    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     xs, ys = [], []
     for label, wnid in enumerate(wnids):
-        files = sorted((root / split / wnid).glob("*.JPEG"))[:per_class]
+        files = list_images(root / split / wnid, recursive=False)[:per_class]
         if not files:
-            raise ValueError(f"{root / split / wnid} holds no .JPEG images")
+            raise ValueError(f"{root / split / wnid} holds no image files")
         for f in files:
-            with Image.open(f) as img:
-                x = pil_to_tensor(img.convert("RGB")).float() / 255.0
+            x = pil_to_tensor(open_rgb(f)).float() / 255.0
             xs.append((resize(x, [size, size], antialias=True) - MEAN) / STD)
             ys.append(label)
     return Images(torch.stack(xs), ys)
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The exported plain timm model predicts what the strategy predicts on the same test images.
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.safetensors"
+        path = Path(tmp) / "model"
         export_timm_checkpoint(model, path, class_names=names, timm_kwargs=timm_kwargs)
         net, meta = load_exported(path)
         with torch.no_grad():
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export: {agree}/{len(test)} test predictions equal the strategy's ({meta['num_classes']} columns)")
     run_info = {"args": vars(args), "accuracy": accuracy, "train_seconds": timings, "export_agreement": [agree, len(test)],
                 "total_seconds": time.perf_counter() - started, "class_names": names}
-    (out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+    atomic_write_json(out / "run.json", run_info, indent=1)
     print(f"done in {run_info['total_seconds']:.0f} s; plots in {out}")
     return 0
 

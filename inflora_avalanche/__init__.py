@@ -26,6 +26,8 @@ _EXPORTS = {
     "ClassifierAlignmentPlugin": "alignment",
     "SubspaceDiagnosticsPlugin": "diagnostics",
     "export_timm_checkpoint": "export",
+    "save_strategy": "strategy_state",
+    "load_strategy": "strategy_state",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,18 +4,17 @@ The pure math lives in :mod:`inflora_avalanche.alignment_math`; this module hold
 
 Protocol the plugin needs from ``strategy.model`` (or ``strategy.model.module`` when wrapped):
 
-- ``forward_features(x) -> (B, d)``: the pre-head feature of a batch of inputs;
+- ``forward_pooled(x) -> (B, d)`` (an ``InfLoRAViT``), or else ``forward_features(x) -> (B, d)``: the pre-head
+  feature of a batch of inputs;
 - ``heads``: a sequence of modules, one per task, each mapping ``(B, d)`` features to that task's logits;
 - ``task_classes``: a sequence (aligned with ``heads``) of the dataset labels each head's columns stand for.
 
 and from the strategy: ``experience`` (its ``dataset.eval()`` gives the test-time view), ``device``,
-``eval_mb_size``; optionally ``autocast()`` (a context manager for the feature pass) and
-``prepare_input(x, training=False)`` (on-device input transform).
+``eval_mb_size``; the feature pass runs as the strategy runs its forwards (:func:`plugins.forward_context`).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Dict, Optional
 
 import torch
@@ -33,6 +32,7 @@ from .alignment_math import (
     normalized_logit_loss,
     sample_gaussian,
 )
+from .plugins import forward_context
 
 LR_SCHEDULES = ("cosine", "constant")
 STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -210,18 +210,14 @@ class ClassifierAlignmentPlugin(SupervisedPlugin):
         loader = DataLoader(
             dataset, batch_size=batch, shuffle=False, num_workers=self.num_workers, generator=torch.Generator()
         )
-        autocast = strategy.autocast() if hasattr(strategy, "autocast") else nullcontext()
-        prepare = getattr(strategy, "prepare_input", None)
+        forward = forward_context(strategy, training=False)
         accumulator: Optional[ClassMomentAccumulator] = None
         was_training = model.training
         model.eval()
         try:
             for mbatch in loader:
                 x, y = mbatch[0].to(device), mbatch[1].to(device)
-                if prepare is not None:
-                    x = prepare(x, training=False)
-                with autocast:
-                    features = model.forward_features(x)
+                features = forward.features(model, x)
                 if accumulator is None:
                     accumulator = ClassMomentAccumulator(features.shape[1], device)
                 accumulator.update(features.float(), y)

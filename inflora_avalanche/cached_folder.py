@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .streams.common import ImageLoadError
+from .io import DataUnavailableError, atomic_write, open_rgb, scan_class_folders
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,21 +49,15 @@ class ResizeCache:
                 return Image.fromarray(np.load(entry))
             except (OSError, ValueError):  # a torn or foreign file: rebuild it
                 pass
-        img = resize_shorter(decode_rgb(path), self.size)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:  # written aside and renamed: concurrent workers never read half a file
-            np.save(fh, np.asarray(img, dtype=np.uint8))
-        os.replace(tmp, entry)
+        img = resize_shorter(open_rgb(path), self.size)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a handle: np.save would append ".npy" to a path
+                np.save(fh, np.asarray(img, dtype=np.uint8))
+
+        # Written aside and renamed: concurrent workers never read half a file. No fsync: a lost entry is rebuilt.
+        atomic_write(entry, write, fsync=False)
         return img
-
-
-def decode_rgb(path: PathLike) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ImageLoadError(f"cannot read image {path}: {err}") from None
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -100,26 +94,17 @@ class CachedImageFolder(torch.utils.data.Dataset):
     def from_folder(
         cls, root: PathLike, transform: Optional[Callable] = None, cache: Optional[ResizeCache] = None
     ) -> "CachedImageFolder":
-        """All images under ``root/<class>/``; labels in sorted class-folder order."""
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-        samples = [
-            (f, label)
-            for label, name in enumerate(classes)
-            for f in sorted((root / name).rglob("*"))
-            if f.suffix.lower() in exts
-        ]
-        if not samples:
-            raise FileNotFoundError(f"no images found under {root}/<class>/ (extensions {sorted(exts)})")
-        return cls(samples, transform, cache)
+        """All images under ``root/<class>/`` as the streams read them; labels in sorted class-folder order."""
+        try:
+            classes, files = scan_class_folders(Path(root).expanduser())
+        except DataUnavailableError as err:  # this class has always raised FileNotFoundError for missing images
+            raise FileNotFoundError(str(err)) from None
+        return cls([(f, label) for label, name in enumerate(classes) for f in files[name]], transform, cache)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
-        img = self.cache.load(path) if self.cache is not None else decode_rgb(path)
+        img = self.cache.load(path) if self.cache is not None else open_rgb(path)
         return (self.transform(img) if self.transform is not None else img), target

@@ -17,6 +17,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from .io import atomic_write
+
 FORMAT = "inflora-avalanche-checkpoint/1"
 _TENSOR = "__tensor__"
 _ITEMS = "__items__"
@@ -71,21 +73,9 @@ def save_checkpoint(path: PathLike, state: dict) -> None:
     """Write ``state`` (nested dicts/lists of tensors and JSON values) to ``path`` atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     data = _split(state, tensors, "")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(data)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a normal file's permissions (safetensors writes 0600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "state": json.dumps(data)}))
 
 
 def load_checkpoint(path: PathLike) -> dict:

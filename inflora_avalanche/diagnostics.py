@@ -29,15 +29,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from .export import atomic_write
+from .io import atomic_write, atomic_write_text
 from .lora import InfLoRAQKV
-from .plugins import SubspaceUpdatePlugin, pass_with_input_hooks, unwrap_model
+from .plugins import ForwardContext, SubspaceUpdatePlugin, forward_context, pass_with_input_hooks, unwrap_model
 from .subspace import DOWN_SCALE, CovarianceAccumulator, LayerMemory, energy_in_subspace
 
 PER_LAYER_METRICS = (
@@ -63,14 +63,11 @@ def kv_weight_without_branch(adapter: InfLoRAQKV, start: int, stop: int) -> tupl
         raise ValueError(f"branch rows {start}:{stop} are outside the {adapter.num_finished} finished rows")
     a = adapter.attn_dim
     weight = adapter.qkv.weight.detach()[a:].cpu().to(torch.float64)
-    up = adapter.past_up.detach().cpu().to(torch.float64)
-    down = adapter.past_down.detach().cpu().to(torch.float64)
-    if adapter.merged:
-        weight = weight - up[:, start:stop] @ down[start:stop]
-    else:
+    if adapter.merged:  # the weight holds every finished branch: take this one out
+        weight = weight - adapter.get_delta_weight(finished=slice(start, stop), current=False)[a:].cpu()
+    else:  # the weight holds none: add all the others
         keep = list(range(0, start)) + list(range(stop, adapter.num_finished))
-        if keep:
-            weight = weight + up[:, keep] @ down[keep]
+        weight = weight + adapter.get_delta_weight(finished=keep, current=False)[a:].cpu()
     bias = adapter.qkv.bias
     return weight, None if bias is None else bias.detach()[a:].cpu().to(torch.float64)
 
@@ -120,8 +117,7 @@ def sample_layer_inputs(
     device: torch.device,
     num_tokens: int,
     generator: Optional[torch.Generator] = None,
-    autocast: Optional[ContextManager] = None,
-    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    forward: Optional[ForwardContext] = None,
 ) -> tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """One no-grad pass of an ``InfLoRAViT`` over ``batches``: per adapted layer, the uncentred covariance of all its
     input tokens (float64) and ``num_tokens`` randomly chosen input token vectors (float32, CPU)."""
@@ -134,7 +130,7 @@ def sample_layer_inputs(
         covs[name].update(x)
         pools[name].append(sample_rows(x, num_tokens, generator).cpu())
 
-    pass_with_input_hooks(model, batches, device, on_input, autocast, prepare)
+    pass_with_input_hooks(model, batches, device, on_input, forward)
     tokens = {name: sample_rows(torch.cat(pool), num_tokens, generator) for name, pool in pools.items()}
     return {name: acc.covariance() for name, acc in covs.items()}, tokens
 
@@ -219,11 +215,7 @@ def plot_heatmaps(records: Sequence[Mapping[str, Any]], path: Union[str, os.Path
 
 
 def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-
-    atomic_write(path, write)
+    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------------- plugin
@@ -369,16 +361,13 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
             shuffle=False,
             collate_fn=getattr(dataset, "collate_fn", None),
         )
-        autocast = strategy.autocast() if hasattr(strategy, "autocast") else None
-        prepare = getattr(strategy, "prepare_input", None)
         return sample_layer_inputs(
             model,
             loader,
             torch.device(strategy.device),
             self.sample_tokens,
             generator=gen,
-            autocast=autocast,
-            prepare=None if prepare is None else (lambda x: prepare(x, False)),
+            forward=forward_context(strategy, training=False),
         )
 
     def _publish(self, strategy: Any, records: Sequence[dict], experience: int) -> None:

@@ -1,57 +1,58 @@
-"""Export an :class:`InfLoRAViT` as a plain timm checkpoint: branches merged into ``qkv``, one linear head.
+"""Export an :class:`InfLoRAViT` as a timm model folder: branches merged into ``qkv``, one linear head.
 
-The result loads without this package::
+The folder holds ``model.safetensors`` (timm's key names) and ``config.json`` (timm's hub format: architecture,
+``model_args``, ``pretrained_cfg`` with the input size, mean and std, ``label_names``), so timm alone loads it::
 
-    meta = json.load(open("model.json"))
-    net = timm.create_model(meta["architecture"], pretrained=False, num_classes=meta["num_classes"], **meta["timm_kwargs"])
-    net.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+    net = timm.create_model("local-dir:/path/to/folder", pretrained=True)
 
-and costs exactly what the plain backbone costs. Output column ``j`` is dataset label ``meta["column_labels"][j]``.
+and it costs exactly what the plain backbone costs. Output column ``j`` is dataset label ``config["column_labels"][j]``
+(with the default ``columns="labels"``, label ``j``). The other loading idioms are in ``docs/export.md``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .io import atomic_write, atomic_write_json  # atomic_write: also this module's public name, as before
 from .lora import InfLoRAQKV
 from .model import UNSEEN_CLASS_LOGIT, InfLoRAViT
 
-EXPORT_FORMAT = "inflora-avalanche-timm-export/1"
+EXPORT_FORMAT = "inflora-avalanche-timm-export/2"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 COLUMN_MODES = ("labels", "seen")
 ClassNames = Union[Sequence[str], Mapping[int, str], None]
+# pretrained_cfg fields that say where the backbone's own weights came from; an export is its own source.
+_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
+# Null fields timm keeps in a pretrained_cfg (timm.models._pretrained.filter_pretrained_cfg does the same).
+_KEEP_NULL = ("pool_size", "first_conv", "classifier")
 
 
-def metadata_path(path: Union[str, os.PathLike]) -> Path:
-    """The JSON written next to the checkpoint ``path`` (``model.safetensors`` -> ``model.json``)."""
-    return Path(path).with_suffix(".json")
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 @torch.no_grad()
 def merged_qkv_weight(adapter: InfLoRAQKV) -> torch.Tensor:
-    """The ``qkv`` weight with every branch (finished and open) folded in, on the CPU; the adapter is not modified."""
-    weight = adapter.qkv.weight.detach()
-    unmerged_past = not adapter.merged and adapter.num_finished > 0
-    if not adapter.rank and not unmerged_past:
-        return weight.cpu().clone()  # bit-identical to what the live model multiplies with
-    delta = torch.zeros(2 * adapter.attn_dim, adapter.in_features, dtype=torch.float64)
-    if unmerged_past:
-        delta += adapter.past_up.detach().cpu().double() @ adapter.past_down.detach().cpu().double()
-    if adapter.rank:
-        delta += adapter.up.detach().cpu().double() @ adapter.down.detach().cpu().double()
-    merged = weight.cpu().double().clone()
-    merged[adapter.attn_dim :] += delta
-    return merged.to(weight.dtype)
+    """The ``qkv`` weight with every branch (finished and open) folded in, on the CPU; the adapter is not modified.
+
+    This is :meth:`InfLoRAQKV.effective_weight`: the same delta and rounding as an in-place merge."""
+    return adapter.effective_weight().cpu()
 
 
 def timm_state_dict(model: InfLoRAViT) -> dict[str, torch.Tensor]:
-    """The backbone's state dict under plain timm names, every adapter replaced by its merged ``qkv`` (CPU)."""
+    """The backbone's state dict under plain timm names, every adapter replaced by its merged ``qkv`` (CPU), without
+    a classifier."""
     adapters = dict(model.adapters())
     state: dict[str, torch.Tensor] = {}
     for key, value in model.backbone.state_dict().items():
@@ -105,6 +106,57 @@ def _column_names(names: ClassNames, column_labels: list[int], seen: set[int]) -
     return [None if lookup.get(c) is None else str(lookup[c]) for c in column_labels]
 
 
+def _classifier_names(cfg: Mapping[str, Any]) -> list[str]:
+    """The classifier modules timm's ``pretrained_cfg`` names (``head``; ``head.fc``; DeiT-distilled: two)."""
+    names = cfg.get("classifier") or "head"
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _input_size(model: InfLoRAViT, cfg: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(channels, height, width)`` the backbone was built for (timm's ``pretrained_cfg`` keeps the size of the
+    weights it came from, e.g. 518 for DINOv2 even when built with ``img_size=56``)."""
+    source = tuple(cfg.get("input_size") or (3, 224, 224))
+    channels = int(kwargs.get("in_chans", source[0]))
+    size = getattr(getattr(model.backbone, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = kwargs.get("img_size") or source[1:]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (channels, int(size[0]), int(size[1]))
+
+
+def timm_config(
+    model: InfLoRAViT, architecture: str, kwargs: Mapping[str, Any], num_classes: int, label_names: Optional[list]
+) -> dict:
+    """The timm part of ``config.json``: what ``timm.create_model("local-dir:...")`` reads."""
+    cfg = {
+        k: v
+        for k, v in model.pretrained_cfg.items()
+        if k not in _SOURCE_KEYS and k != "architecture" and (v is not None or k in _KEEP_NULL)
+    }
+    input_size = _input_size(model, cfg, kwargs)
+    if tuple(cfg.get("input_size") or ()) != input_size:
+        for key in ("test_input_size", "pool_size", "test_pool_size"):
+            cfg.pop(key, None)
+        cfg["input_size"] = input_size
+    if kwargs.get("dynamic_img_size"):
+        cfg["fixed_input_size"] = False
+    cfg["custom_load"] = False  # a native timm state dict
+    cfg["num_classes"] = num_classes
+    cfg["classifier"] = cfg.get("classifier") or "head"
+    for key in ("label_names", "label_descriptions", "label_offset"):  # those of the backbone's own classifier
+        cfg.pop(key, None)
+    config: dict[str, Any] = {"architecture": architecture, "num_classes": num_classes}
+    config["num_features"] = model.num_features
+    pool = getattr(model.backbone, "global_pool", None)
+    if isinstance(pool, str) and pool:
+        config["global_pool"] = pool
+    config["model_args"] = dict(kwargs)
+    if label_names is not None:
+        config["label_names"] = label_names
+    config["pretrained_cfg"] = cfg
+    return config
+
+
 def _check_loads(architecture: str, num_classes: int, kwargs: dict, state: dict) -> None:
     import timm
 
@@ -127,25 +179,30 @@ def _check_loads(architecture: str, num_classes: int, kwargs: dict, state: dict)
         ) from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_folder(folder: Path, state: dict, config: dict) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder`` so that no reader ever sees half a file or new
+    weights under an old config. A new folder is filled under a temporary name next to it and renamed into place
+    (an interrupted export leaves nothing); in an existing folder the old ``config.json`` goes first, then each file
+    is written atomically, ``config.json`` last."""
+    from safetensors.torch import save_file
 
+    def write(target: Path) -> None:
+        atomic_write(target / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write_json(target / CONFIG_NAME, config)
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Create ``path`` by ``write(temporary path)`` in the same folder and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if folder.is_dir():
+        (folder / CONFIG_NAME).unlink(missing_ok=True)
+        write(folder)
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write(stage)
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir gives this
+        os.rename(stage, folder)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def export_timm_checkpoint(
@@ -158,36 +215,44 @@ def export_timm_checkpoint(
     overwrite: bool = False,
     verify: bool = True,
 ) -> dict:
-    """Write ``model`` as a plain timm checkpoint (``path``, ``.safetensors``) plus a JSON next to it.
+    """Write ``model`` as a timm model folder ``path``: ``model.safetensors`` and ``config.json``.
 
-    Every InfLoRA branch is folded into its ``qkv`` weight (on a copy: the live model is not touched), and the heads
-    become one ``head`` linear (see :func:`merged_head` for ``columns``). The JSON records the timm architecture and
-    the ``timm_kwargs`` that rebuild it, ``num_classes``, ``column_labels`` (dataset label of each output column),
-    ``class_order`` (labels in the order they were learned) and ``class_names`` (per column, when given).
+    Every InfLoRA branch is folded into its ``qkv`` weight (on a copy: the live model is not touched) and the heads
+    become timm's classifier (see :func:`merged_head` for ``columns``). ``config.json`` is timm's hub format, so
+    ``timm.create_model("local-dir:<path>", pretrained=True)`` rebuilds the network with its weights, classifier
+    and preprocessing (``pretrained_cfg``: input size, mean, std) without this package. It also records
+    ``column_labels`` (dataset label of each output column), ``class_order`` (labels in the order they were
+    learned), ``class_names`` / ``label_names`` (per column, when given) and ``task_classes``.
 
     Args:
         model: an :class:`InfLoRAViT` (possibly wrapped, e.g. by DistributedDataParallel).
+        path: the folder to write (created; an existing folder may hold other files).
         class_names: names indexed by dataset label (a list, or a ``{label: name}`` dict).
         timm_kwargs: the keyword arguments the backbone was created with (``img_size``, ``dynamic_img_size``, ...);
             defaults to ``model.timm_kwargs`` when the model records them, else none.
-        architecture: the timm model name; defaults to ``model.backbone_name``.
-        overwrite: replace existing files; otherwise an existing checkpoint or JSON is an error.
-        verify: rebuild the timm model from the JSON and load the weights strictly before writing.
+        architecture: the timm model name; defaults to ``model.backbone_name`` (without its pretrained tag).
+        overwrite: replace an existing export in ``path``; otherwise an existing ``model.safetensors`` or
+            ``config.json`` there is an error.
+        verify: rebuild the timm model (on the ``meta`` device) and load the weights strictly before writing.
 
-    Returns the metadata written to the JSON.
+    Returns the content of ``config.json``.
     """
     inner = getattr(model, "module", model)
     if not isinstance(inner, InfLoRAViT):
         raise TypeError(f"export needs an InfLoRAViT model, got {type(inner).__name__}")
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise ValueError(f"export path must end in .safetensors, got {str(path)!r}")
-    meta_path = metadata_path(path)
+    folder = Path(path).expanduser()
+    if folder.suffix == ".safetensors":
+        raise ValueError(
+            f"export path {str(folder)!r} names a file; the export is a folder (model.safetensors and config.json "
+            f"that timm loads with timm.create_model('local-dir:<folder>')): pass e.g. {str(folder.with_suffix(''))!r}"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the export needs a folder path")
     if not overwrite:
-        for existing in (path, meta_path):
+        for existing in (folder / WEIGHTS_NAME, folder / CONFIG_NAME):
             if existing.exists():
-                raise ValueError(f"{existing} already exists; choose another path or pass overwrite=True")
-    architecture = architecture or inner.backbone_name
+                raise ValueError(f"{existing} already exists; choose another folder or pass overwrite=True")
+    architecture = (architecture or inner.backbone_name).split(".")[0]  # timm names carry no dot but the tag's
     if timm_kwargs is None:
         timm_kwargs = getattr(inner, "timm_kwargs", None) or {}
     kwargs = {k: v for k, v in dict(timm_kwargs).items() if k not in ("num_classes", "pretrained")}
@@ -198,54 +263,62 @@ def export_timm_checkpoint(
 
     head_weight, head_bias, column_labels = merged_head(inner, columns)
     state = timm_state_dict(inner)
-    state["head.weight"] = head_weight.contiguous()
-    state["head.bias"] = head_bias.contiguous()
+    for name in _classifier_names(inner.pretrained_cfg):  # DeiT-distilled averages two equal heads: same logits
+        state[f"{name}.weight"] = head_weight.clone()
+        state[f"{name}.bias"] = head_bias.clone()
+    num_classes = len(column_labels)
     if verify:
-        _check_loads(architecture, len(column_labels), kwargs, state)
+        _check_loads(architecture, num_classes, kwargs, state)
 
     seen = inner.seen_classes
-    metadata = {
-        "format": EXPORT_FORMAT,
-        "architecture": architecture,
-        "timm_kwargs": kwargs,
-        "num_classes": len(column_labels),
-        "columns": columns,
-        "column_labels": column_labels,
-        "class_order": list(seen),
-        "class_names": _column_names(class_names, column_labels, set(seen)),
-        "task_classes": [list(c) for c in inner.task_classes],
-        "unseen_class_logit": UNSEEN_CLASS_LOGIT if columns == "labels" else None,
-        "weights": path.name,
-        "inflora": {
-            "rank": inner.rank,
-            "adapted_blocks": list(inner.adapted_blocks),
-            "tasks": inner.num_tasks,
-            "task_open": inner.task_open,
-        },
-    }
-
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, indent=2)
-            handle.write("\n")
-
-    atomic_write(meta_path, write_json)
-    return metadata
+    names = _column_names(class_names, column_labels, set(seen))
+    config = timm_config(inner, architecture, kwargs, num_classes, names)
+    config.update(
+        {
+            "format": EXPORT_FORMAT,
+            "columns": columns,
+            "column_labels": column_labels,
+            "class_order": list(seen),
+            "class_names": names,
+            "task_classes": [list(c) for c in inner.task_classes],
+            "unseen_class_logit": UNSEEN_CLASS_LOGIT if columns == "labels" else None,
+            "inflora": {
+                "rank": inner.rank,
+                "adapted_blocks": list(inner.adapted_blocks),
+                "tasks": inner.num_tasks,
+                "task_open": inner.task_open,
+            },
+        }
+    )
+    config = json.loads(json.dumps(config))  # exactly what config.json holds (tuples become lists)
+    _write_folder(folder, state, config)
+    return config
 
 
 def load_exported(path: Union[str, os.PathLike]) -> tuple[nn.Module, dict]:
-    """Rebuild an exported checkpoint with timm alone: ``(model in eval mode, metadata)`` (a convenience for tests
-    and scripts; deployment code can copy its four lines and need not import this package)."""
+    """An exported folder rebuilt by timm alone, ``(model in eval mode, config.json's content)``; this is
+    ``timm.create_model("local-dir:<path>", pretrained=True)``, which deployment code can call directly.
+
+    A file exported by earlier versions (``x.safetensors`` with ``x.json`` next to it) loads too."""
+    import timm
+
+    path = Path(path).expanduser().resolve()
+    if path.is_file() and path.suffix == ".safetensors":
+        return _load_single_file_export(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist; pass the folder export_timm_checkpoint wrote")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    net = timm.create_model(f"local-dir:{path}", pretrained=True)
+    return net.eval(), config
+
+
+def _load_single_file_export(path: Path) -> tuple[nn.Module, dict]:
     import timm
     from safetensors.torch import load_file
 
-    path = Path(path).expanduser()
-    with open(metadata_path(path), encoding="utf-8") as handle:
-        meta = json.load(handle)
-    net = timm.create_model(meta["architecture"], pretrained=False, num_classes=meta["num_classes"], **meta["timm_kwargs"])
+    meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    kwargs = meta["timm_kwargs"]
+    net = timm.create_model(meta["architecture"], pretrained=False, num_classes=meta["num_classes"], **kwargs)
     net.load_state_dict(load_file(str(path)))
     return net.eval(), meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -89,6 +90,47 @@ def _weights_help(name: str, err: BaseException) -> str:
     )
 
 
+def _attention_source(attn: nn.Module) -> Optional[str]:
+    try:
+        return inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):  # built without source files: the adapter's guard reports a bypass at run time
+        return None
+
+
+def qkv_problem(block: nn.Module, index: int) -> Optional[str]:
+    """Why InfLoRA cannot adapt ``block``'s attention; ``None`` when it can.
+
+    InfLoRA replaces ``attn.qkv`` by an :class:`InfLoRAQKV`, which adds the branch when it is called. The attention
+    must therefore have a fused ``qkv`` ``nn.Linear`` (queries, keys, values stacked in that order) and call it as a
+    module. timm's BEiT and EVA attentions with a separate q/v bias call ``F.linear(x, qkv.weight, bias)`` instead;
+    they are adapted by switching on their own ``qkv_bias_separate`` path (``qkv(x)`` plus the bias, the same sum).
+    """
+    attn = getattr(block, "attn", None)
+    qkv = getattr(attn, "qkv", None)
+    qkv = qkv.qkv if isinstance(qkv, InfLoRAQKV) else qkv
+    if not isinstance(qkv, nn.Linear):
+        if attn is None:
+            kind = "no attention"
+        elif getattr(attn, "k_proj", None) is not None:
+            kind = f"{type(attn).__name__} with separate q/k/v projections, not a fused qkv nn.Linear"
+        else:
+            kind = f"{type(attn).__name__} without a fused qkv nn.Linear"
+        return f"block {index} ({type(block).__name__}) has {kind}"
+    if qkv.out_features % 3 != 0:
+        return f"block {index}: attn.qkv has {qkv.out_features} outputs, not 3 x an attention width"
+    source = _attention_source(attn)
+    if source is None:
+        return None
+    if "self.qkv(" not in source:
+        return f"block {index}: {type(attn).__name__}.forward never calls attn.qkv(x) (it reads its weight directly)"
+    if "qkv.weight" in source and getattr(attn, "q_bias", None) is not None and not hasattr(attn, "qkv_bias_separate"):
+        return (
+            f"block {index}: {type(attn).__name__} adds its q/v bias through F.linear(x, qkv.weight, ...), "
+            "bypassing attn.qkv(x)"
+        )
+    return None
+
+
 def _resolve_blocks(selection: BlockSelection, depth: int) -> list[int]:
     if selection is None:
         return list(range(depth))
@@ -100,6 +142,23 @@ def _resolve_blocks(selection: BlockSelection, depth: int) -> list[int]:
     if not blocks or blocks[0] < 0 or blocks[-1] >= depth:
         raise ValueError(f"adapted_blocks={list(selection)} must be indices in [0, {depth - 1}]")
     return blocks
+
+
+def _wrap_qkv(attn: nn.Module, name: str) -> None:
+    adapter = InfLoRAQKV(attn.qkv)
+    adapter.layer_name = name
+    # BEiT / EVA: make the attention call qkv(x) and add its q/v bias after it (its own alternative path).
+    if getattr(attn, "q_bias", None) is not None and getattr(attn, "qkv_bias_separate", True) is False:
+        attn.qkv_bias_separate = True
+        adapter.restore_bias_separate = False
+    attn.qkv = adapter
+
+
+def _unwrap_qkv(attn: nn.Module) -> None:
+    adapter = attn.qkv
+    if getattr(adapter, "restore_bias_separate", None) is not None:
+        attn.qkv_bias_separate = adapter.restore_bias_separate
+    attn.qkv = adapter.qkv
 
 
 class InfLoRAViT(nn.Module):
@@ -117,6 +176,11 @@ class InfLoRAViT(nn.Module):
 
     The output is one logit per dataset label: each head writes its classes' columns; labels no head covers get a
     very low logit, so an argmax over the output is the class-incremental prediction.
+
+    Like a timm model it has ``forward_features(x)`` (the backbone's token features), ``forward_head(features,
+    pre_logits=False)`` (pooling, then the heads; ``forward(x)`` is the two in turn), ``num_features`` and
+    ``pretrained_cfg`` / ``default_cfg`` (the backbone's: ``timm.data.resolve_model_data_config(model)`` gives its
+    input size, mean and std).
     """
 
     def __init__(
@@ -140,14 +204,23 @@ class InfLoRAViT(nn.Module):
             if hasattr(backbone, "reset_classifier"):
                 backbone.reset_classifier(0)
         blocks = getattr(backbone, "blocks", None)
-        if blocks is None or not all(isinstance(getattr(getattr(b, "attn", None), "qkv", None), nn.Linear) for b in blocks):
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
             raise ValueError(
-                f"backbone {self.backbone_name!r} has no fused attn.qkv nn.Linear in every block; InfLoRA needs a "
-                "timm ViT such as vit_base_patch16_224 or vit_small_patch14_dinov2"
+                f"backbone {self.backbone_name!r} has no list of transformer blocks with a fused attn.qkv nn.Linear; "
+                "InfLoRA needs a timm ViT such as vit_base_patch16_224 or vit_small_patch14_dinov2"
+            )
+        problem = next(filter(None, (qkv_problem(b, i) for i, b in enumerate(blocks))), None)
+        if problem:
+            raise ValueError(
+                f"backbone {self.backbone_name!r} is not supported: {problem}; InfLoRA needs a fused attn.qkv "
+                "nn.Linear called as a module in every block (timm ViT, DeiT, DINOv2, EVA-02 tiny/small, BEiT, ...)"
             )
         self.backbone = backbone
         self.backbone.requires_grad_(False)
-        self.feature_dim = int(getattr(backbone, "num_features", getattr(backbone, "embed_dim")))
+        width = getattr(backbone, "num_features", None) or getattr(backbone, "embed_dim", None)
+        if not isinstance(width, int):
+            raise ValueError(f"backbone {self.backbone_name!r} has no num_features or embed_dim (its feature width)")
+        self.feature_dim = int(width)
         self.adapted_blocks: list[int] = []
         self.rank = rank
         self.heads = nn.ModuleList()
@@ -169,9 +242,9 @@ class InfLoRAViT(nn.Module):
             wanted = _resolve_blocks(adapted_blocks, len(blocks))
             for i, block in enumerate(blocks):
                 if isinstance(block.attn.qkv, InfLoRAQKV) and i not in wanted:
-                    block.attn.qkv = block.attn.qkv.qkv
+                    _unwrap_qkv(block.attn)
                 elif not isinstance(block.attn.qkv, InfLoRAQKV) and i in wanted:
-                    block.attn.qkv = InfLoRAQKV(block.attn.qkv)
+                    _wrap_qkv(block.attn, f"blocks.{i}.attn.qkv")
             self.adapted_blocks = wanted
         if rank is not None:
             min_width = min(blocks[i].attn.qkv.in_features for i in self.adapted_blocks)
@@ -260,25 +333,60 @@ class InfLoRAViT(nn.Module):
         self.backbone.eval()
         return self
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The backbone's timm ``pretrained_cfg`` (input size, mean, std, interpolation, ...), as timm keeps it."""
+        return dict(getattr(self.backbone, "pretrained_cfg", None) or {})
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled feature the heads read (timm's name)."""
+        return self.feature_dim
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pre-head feature: the backbone's pooled (CLS) token after the final norm."""
+        """The backbone's ``forward_features``: its token features after the final norm, before pooling (timm's
+        meaning; ``(B, tokens, d)`` for a ViT)."""
+        if hasattr(self.backbone, "forward_features"):
+            return self.backbone.forward_features(x)
         return self.backbone(x)
 
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's ``forward_head``: pool ``forward_features``' output, then (unless ``pre_logits``) the heads.
+
+        ``pre_logits=True`` gives the pooled ``(B, num_features)`` feature the heads read; otherwise the output has
+        one column per dataset label (see the class docs), as ``forward`` returns it.
+        """
+        pooled = self.backbone.forward_head(features) if hasattr(self.backbone, "forward_head") else features
+        if pre_logits:
+            return pooled
+        logits = self.forward_heads(pooled).float()
+        out = logits.new_full((pooled.shape[0], self.output_width), UNSEEN_CLASS_LOGIT)
+        if logits.shape[1]:
+            out[:, self._class_index] = logits
+        return out
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-head feature ``(B, num_features)``: ``forward_head(forward_features(x), pre_logits=True)``."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
     def forward_heads(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits of every head, concatenated in task order (column i is class ``seen_classes[i]``)."""
+        """Logits of every head on pooled ``features``, concatenated in task order (column i is class
+        ``seen_classes[i]``)."""
         if not self.heads:
             return features.new_zeros(features.shape[0], 0)
         return torch.cat([head(features) for head in self.heads], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.forward_heads(self.forward_features(x)).float()
-        out = logits.new_full((x.shape[0], self.output_width), UNSEEN_CLASS_LOGIT)
-        if logits.shape[1]:
-            out[:, self._class_index] = logits
-        return out
+        return self.forward_head(self.forward_features(x))
 
     def export_timm(self, path: Union[str, os.PathLike], **kwargs: Any) -> Any:
-        """Write a plain timm checkpoint (all branches merged, one head); see ``export.export_timm_checkpoint``."""
+        """Write a timm model folder (``model.safetensors`` + ``config.json``, all branches merged, one head) that
+        ``timm.create_model("local-dir:<path>", pretrained=True)`` loads; see ``export.export_timm_checkpoint``."""
         from .export import export_timm_checkpoint
 
         return export_timm_checkpoint(self, path, **kwargs)

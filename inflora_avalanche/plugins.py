@@ -31,11 +31,64 @@ def unwrap_model(model: nn.Module) -> InfLoRAViT:
 
 
 def stream_length(experience: Any) -> Optional[int]:
-    """Number of experiences in the stream ``experience`` comes from, when Avalanche knows it."""
+    """Number of experiences in the stream ``experience`` comes from, when Avalanche knows it.
+
+    Raises ``ValueError`` for a slice of a stream (``train_stream[:2]`` of an ``nc_benchmark``, whose experiences
+    point at the slice): its length is not the number of tasks."""
     try:
-        return len(experience.origin_stream)
+        stream = experience.origin_stream
+        length = len(stream)
     except Exception:  # unset origin_stream, lazy streams of unknown length
         return None
+    full = getattr(getattr(stream, "benchmark", None), f"{getattr(stream, 'name', '')}_stream", None)
+    try:
+        full_length = None if full is None else len(full)
+    except Exception:
+        full_length = None
+    if full_length is not None and full_length != length:
+        raise ValueError(f"the experience comes from a slice of {length} of the stream's {full_length} experiences; "
+                         f"pass num_tasks= (e.g. num_tasks={full_length}) to InfLoRAStrategy: it sets the threshold "
+                         "schedule")
+    return length
+
+
+def experience_classes(experience: Any) -> list[int]:
+    """The sorted labels of ``experience``: Avalanche's class timeline when the stream has one, else the labels of
+    its data (``benchmark_from_datasets`` streams have no timeline)."""
+    classes = getattr(experience, "classes_in_this_experience", None)
+    if classes is None:
+        targets = experience.dataset.targets
+        classes = getattr(targets, "uniques", None) or set(int(t) for t in targets)
+    return sorted(int(c) for c in classes)
+
+
+class ForwardContext:
+    """How a strategy runs a forward: its input transform (e.g. batched augmentation on the device) and its autocast.
+
+    Plugins that pass over data themselves (covariances, diagnostics, classifier alignment) get one from
+    ``strategy.forward_context(training)`` so that their features are exactly those the strategy trains and
+    evaluates on."""
+
+    def __init__(self, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 autocast: Optional[Callable[[], ContextManager]] = None) -> None:
+        self.transform = transform
+        self.autocast = autocast or nullcontext
+
+    def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The pooled pre-head features of ``x`` (already on the model's device): ``model.forward_pooled`` of an
+        ``InfLoRAViT``, else ``model.forward_features`` (any model that returns ``(B, d)`` there)."""
+        if self.transform is not None:
+            x = self.transform(x)
+        pooled = getattr(model, "forward_pooled", None) or model.forward_features
+        with self.autocast():
+            return pooled(x)
+
+
+def forward_context(strategy: Any, training: bool = False) -> ForwardContext:
+    """The one way plugins run their own forwards: as ``strategy`` runs its own (``InfLoRAStrategy.forward_context``:
+    input transform, autocast), or a plain forward for strategies that transform nothing."""
+    own = getattr(type(strategy), "forward_context", None)
+    return own(strategy, training) if callable(own) else ForwardContext()
 
 
 @torch.no_grad()
@@ -44,12 +97,11 @@ def pass_with_input_hooks(
     batches: Iterable[Any],
     device: torch.device,
     on_input: Callable[[str, torch.Tensor], None],
-    autocast: Optional[ContextManager] = None,
-    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    forward: Optional["ForwardContext"] = None,
 ) -> None:
-    """One no-grad, eval-mode pass of ``model.forward_features`` over ``batches``, calling ``on_input(name, x)`` with
+    """One no-grad, eval-mode pass of ``model`` over ``batches`` (up to its pooled features), calling ``on_input(name, x)`` with
     the input of every adapted ``qkv`` (outside autocast). Each batch is an Avalanche minibatch (inputs first) or a
-    tensor; ``prepare`` maps the inputs on the device before the forward (e.g. the strategy's batched augmentation)."""
+    tensor; ``forward`` is how the strategy runs its forwards (its input transform and autocast)."""
 
     def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -62,13 +114,10 @@ def pass_with_input_hooks(
     was_training = model.training
     model.eval()
     try:
+        forward = forward or ForwardContext()
         for batch in batches:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            x = x.to(device, non_blocking=True)
-            if prepare is not None:
-                x = prepare(x)
-            with autocast if autocast is not None else nullcontext():
-                model.forward_features(x)
+            forward.features(model, x.to(device, non_blocking=True))
     finally:
         for handle in handles:
             handle.remove()
@@ -79,15 +128,14 @@ def collect_input_covariances(
     model: InfLoRAViT,
     batches: Iterable[Any],
     device: torch.device,
-    autocast: Optional[ContextManager] = None,
-    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    forward: Optional["ForwardContext"] = None,
 ) -> Dict[str, torch.Tensor]:
     """The uncentred covariance of every adapted ``qkv``'s input over one pass of ``batches`` (see
     :func:`pass_with_input_hooks`), summed in float32 on ``device`` and returned in float64. Under
     ``torch.distributed`` each rank passes over its shard and the sums are all-reduced before anything is decomposed,
     so every rank gets the covariance of the whole data."""
     accumulators = {name: CovarianceAccumulator(adapter.in_features) for name, adapter in model.adapters()}
-    pass_with_input_hooks(model, batches, device, lambda name, x: accumulators[name].update(x), autocast, prepare)
+    pass_with_input_hooks(model, batches, device, lambda name, x: accumulators[name].update(x), forward)
     for acc in accumulators.values():
         if acc.sum is None:  # a rank whose shard was empty still joins the all-reduce
             acc.sum = torch.zeros(acc.dim, acc.dim, device=device)
@@ -126,6 +174,7 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
         self.num_tasks = num_tasks
         self.memories: Dict[str, LayerMemory] = {}
         self.thresholds: list[float] = []
+        self._loader: Any = None
 
     # ----------------------------------------------------------------------------------------------- callbacks
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -137,6 +186,7 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
                     "cannot tell how many experiences the stream has; pass num_tasks= to InfLoRAStrategy or "
                     "SubspaceUpdatePlugin (it sets the threshold schedule)"
                 )
+        self._loader = strategy.dataloader  # the task's own data (a replay plugin may swap the loader in later)
         covariances = self._covariances(strategy, model)
         for name, adapter in model.adapters():
             adapter.set_down(self.design_down(name, covariances[name], adapter.rank))
@@ -154,6 +204,7 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
         assert self.num_tasks is not None
         eps = energy_threshold(min(task, self.num_tasks), self.num_tasks, self.lamb, self.lame)
         covariances = self._covariances(strategy, model)
+        self._loader = None
         for name, adapter in model.adapters():
             current = self.memories.get(name, LayerMemory(dim=adapter.in_features))
             self.memories[name] = update_memory(current, covariances[name], eps, self.memory_algorithm)
@@ -161,11 +212,9 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
         model.finish_task()
 
     def _covariances(self, strategy: Any, model: InfLoRAViT) -> Dict[str, torch.Tensor]:
-        autocast = strategy.autocast() if hasattr(strategy, "autocast") else None
-        prepare = getattr(strategy, "prepare_input", None)
-        return collect_input_covariances(
-            model, strategy.dataloader, torch.device(strategy.device), autocast, prepare=prepare
-        )
+        loader = self._loader if self._loader is not None else strategy.dataloader
+        return collect_input_covariances(model, loader, torch.device(strategy.device),
+                                         forward_context(strategy, training=True))
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -2,42 +2,27 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from avalanche.benchmarks.utils.data_loader import collate_from_data_or_kwargs
+import torch.nn.functional as F
 from avalanche.core import BasePlugin
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
 from . import distributed as ddp
+from . import training
 from .model import UNSEEN_CLASS_LOGIT, BlockSelection, InfLoRAViT
-from .plugins import SubspaceUpdatePlugin, unwrap_model
+from .plugins import ForwardContext, SubspaceUpdatePlugin, experience_classes, unwrap_model
 from .subspace import MEMORY_ALGORITHMS, validate_thresholds
+from .training import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, cosine_annealing_factor, reference_cosine_factor
 
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("cosine", "annealing", "step", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def reference_cosine_factor(epoch: int, num_epochs: int) -> float:
-    """The reference's per-epoch factor ``cos(99 pi e / (200 (E - 1)))``: from 1 down to cos(0.495 pi) ~ 0.016."""
-    if num_epochs <= 1:
-        return 1.0
-    return math.cos(99.0 * math.pi * epoch / (200.0 * (num_epochs - 1)))
-
-
-def cosine_annealing_factor(epoch: int, num_epochs: int) -> float:
-    """torch's ``CosineAnnealingLR(T_max=E)`` stepped once per epoch: ``(1 + cos(pi e / E)) / 2`` (the reference's
-    InfLoRA+CA on ImageNet-R)."""
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / num_epochs))
+__all__ = ["InfLoRAStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "cosine_annealing_factor",
+           "reference_cosine_factor"]
 
 
 def infer_num_classes(experience: Any) -> Optional[int]:
@@ -64,27 +49,53 @@ def _silent_default_evaluator() -> EvaluationPlugin:
     )
 
 
+def check_plugins(plugins: Sequence[Any], input_transform: Any = None) -> None:
+    """Refuse, in one line, Avalanche plugins that cannot do what they promise with this strategy."""
+    from avalanche.training.plugins import LRSchedulerPlugin, LwFPlugin
+
+    for plugin in plugins:
+        if isinstance(plugin, LwFPlugin) and input_transform is not None:
+            raise ValueError(
+                "LwFPlugin feeds the raw minibatch to its copy of the previous model, not what input_transform makes "
+                "of it: use one of LwFPlugin and input_transform"
+            )
+        if isinstance(plugin, LRSchedulerPlugin):
+            raise ValueError(
+                "LRSchedulerPlugin would step a scheduler of an optimiser InfLoRAStrategy no longer uses (it builds a "
+                "new one for every task's branches): pass scheduler_factory=lambda optimizer, epochs: ... instead"
+            )
+
+
 class InfLoRAStrategy(SupervisedTemplate):
     """InfLoRA: per task, train low-rank key/value branches whose inputs avoid the old tasks' subspace.
 
-    Only the current task's up-projections and head are trained, on the current task's logits. Evaluation uses
-    every seen head. A :class:`SubspaceUpdatePlugin` (designs branches, updates the memory, merges) is added unless
-    one is passed in ``plugins``.
+    Only the current task's up-projections and head are trained, on the task's own classes (an experience with a
+    single class is trained against every seen class: alone its loss would be 0). A sample of an earlier task (e.g.
+    from a
+    ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current branches. Evaluation
+    uses every seen head (class-incremental), or with ``eval_task_labels`` only the classes trained under the
+    sample's task label. A :class:`SubspaceUpdatePlugin` (designs branches, updates the memory, merges) is added
+    unless one is passed in ``plugins``.
 
     Args:
         model: an :class:`InfLoRAViT`.
         lr: learning rate of the up-projections (and of the head unless ``head_lr`` is set).
-        optimizer: ``"adam"`` (reference default, betas ``betas``) or ``"sgd"`` (``momentum``).
-        lr_schedule: ``"cosine"`` (the reference's per-epoch cosine), ``"annealing"`` (torch's
-            ``CosineAnnealingLR`` over the epochs, as the reference's InfLoRA+CA on ImageNet-R), ``"step"`` (x ``gamma`` at each of
-            ``milestones`` epochs) or ``"constant"``.
+        optimizer: ``"adam"`` (reference default, betas ``betas``) or ``"sgd"`` (``momentum``); or pass
+            ``optimizer_factory(param_groups) -> Optimizer`` to bring your own (it gets the branches' group and the
+            head's group with their ``lr``).
+        lr_schedule: ``"cosine"`` (the reference's CosineSchedule), ``"annealing"`` (torch's CosineAnnealingLR),
+            ``"step"`` (x ``gamma`` at each of ``milestones`` epochs) or ``"constant"``; or pass
+            ``scheduler_factory(optimizer, epochs) -> scheduler``, stepped after every epoch of every task.
         rank, adapted_blocks: override the model's settings (only before its first task).
-        lamb, lame, memory, num_tasks: the subspace memory settings of the default plugin.
+        lamb, lame, memory, num_tasks: the subspace memory settings of the default plugin (``num_tasks`` is read
+            from the stream when omitted; a slice of a stream needs it).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
         input_transform: ``f(x, training) -> x`` applied to each minibatch on the device before the model (batched
-            augmentation on the accelerator); the covariance passes use it with ``training=True``.
+            augmentation on the accelerator); plugins' own passes use it too (:meth:`forward_context`).
         compile: run training and evaluation forwards through ``torch.compile``; if compiling fails, a warning is
             given and the eager model is used from then on. Covariance passes always run eagerly.
+        eval_task_labels: at evaluation, predict among the classes trained under the sample's task label
+            (task-incremental) instead of among all seen classes.
         Other keyword arguments are those of ``SupervisedTemplate``.
 
     Under ``torch.distributed`` (e.g. ``torchrun``), ``train_mb_size`` and ``eval_mb_size`` stay global batch sizes:
@@ -105,6 +116,8 @@ class InfLoRAStrategy(SupervisedTemplate):
         lr_schedule: str = "cosine",
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
+        optimizer_factory: Optional[training.OptimizerFactory] = None,
+        scheduler_factory: Optional[training.SchedulerFactory] = None,
         rank: Optional[int] = None,
         adapted_blocks: BlockSelection = None,
         lamb: float = 0.95,
@@ -114,6 +127,7 @@ class InfLoRAStrategy(SupervisedTemplate):
         precision: str = "auto",
         input_transform: Optional[Callable[[torch.Tensor, bool], torch.Tensor]] = None,
         compile: bool = False,
+        eval_task_labels: bool = False,
         criterion: nn.Module = nn.CrossEntropyLoss(),
         train_mb_size: int = 128,
         train_epochs: int = 20,
@@ -127,10 +141,6 @@ class InfLoRAStrategy(SupervisedTemplate):
         inner = unwrap_model(model)
         if not lr > 0 or (head_lr is not None and not head_lr > 0):
             raise ValueError(f"learning rates must be positive, got lr={lr}, head_lr={head_lr}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if memory not in MEMORY_ALGORITHMS:
@@ -143,10 +153,15 @@ class InfLoRAStrategy(SupervisedTemplate):
                 f"train_mb_size={train_mb_size} must divide by the number of processes ({ddp.world_size()}): "
                 "it is the global batch, split evenly across ranks"
             )
+        fused = True if torch.device(device).type == "cuda" else None
+        self.optimizer_factory = optimizer_factory or training.optimizer_factory(
+            optimizer, betas, momentum, weight_decay, fused)
+        self.scheduler_factory = scheduler_factory or training.epoch_scheduler(lr_schedule, milestones, gamma)
         if rank is not None or adapted_blocks is not None:
             inner.configure(rank=rank, adapted_blocks=adapted_blocks)
 
         plugins = list(plugins or [])
+        check_plugins(plugins, input_transform)
         self.subspace_plugin = next((p for p in plugins if isinstance(p, SubspaceUpdatePlugin)), None)
         if self.subspace_plugin is None:
             self.subspace_plugin = SubspaceUpdatePlugin(lamb=lamb, lame=lame, memory=memory, num_tasks=num_tasks)
@@ -154,19 +169,15 @@ class InfLoRAStrategy(SupervisedTemplate):
 
         self.lr = lr
         self.head_lr = head_lr if head_lr is not None else lr
-        self.optimizer_name = optimizer
-        self.betas = tuple(betas)
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.lr_schedule = lr_schedule
-        self.milestones = sorted(int(m) for m in milestones)
-        self.gamma = gamma
         self.precision = precision
         self.input_transform = input_transform
         self.compile = compile
+        self.eval_task_labels = eval_task_labels
+        self.task_label_classes: dict[int, list[int]] = {}  # task label -> classes trained under it
         self._compiled: Optional[nn.Module] = None
-        self.lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
-        self._local_targets: Optional[torch.Tensor] = None
+        self.lr_scheduler: Optional[Any] = None
+        self._local_targets: Optional[torch.Tensor] = None  # per label: its index in its own task's head
+        self._current_targets: Optional[torch.Tensor] = None  # per label: its index among the trained columns
         self._current_columns: Optional[torch.Tensor] = None
         self._eval_seen = 0  # per-rank samples evaluated in the current experience (distributed gathering)
         self._eval_size = 0
@@ -187,23 +198,33 @@ class InfLoRAStrategy(SupervisedTemplate):
             **kwargs,
         )
 
-    # ----------------------------------------------------------------------------------------------- precision
+    # ----------------------------------------------------------------------------------------------- forwards
     @property
     def use_bf16(self) -> bool:
-        device_type = torch.device(self.device).type
-        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+        return training.uses_bf16(self.precision, self.device)
 
-    def autocast(self) -> ContextManager:
+    def autocast(self):
         """The autocast context of forwards (bf16 by default on CUDA)."""
-        if not self.use_bf16:
-            return nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
+        return training.autocast(self.precision, self.device)
+
+    def prepare_input(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """The minibatch as the model sees it (after ``input_transform``, if any)."""
+        return x if self.input_transform is None else self.input_transform(x, training)
+
+    def forward_context(self, training: bool = False) -> ForwardContext:
+        """How this strategy runs a forward (input transform in ``training`` mode, autocast), for plugins that pass
+        over data themselves: ``strategy.forward_context().features(model, x)``."""
+        transform = None if self.input_transform is None else (lambda x: self.input_transform(x, training))
+        return ForwardContext(transform, self.autocast)
 
     # ----------------------------------------------------------------------------------------------- adaptation
     def _before_training_exp(self, **kwargs: Any) -> None:
         if len(self.experience.dataset) == 0:
             raise ValueError(
-                f"experience {self.experience.current_experience} has no training samples; remove it from the stream"
+                f"experience {self.experience.current_experience} has no training samples; remove it from the stream "
+                "(Avalanche's class_incremental_benchmark splits the labels 0..max, so labels that are not 0..C-1 "
+                "leave experiences empty: build the stream with inflora_avalanche.streams.class_incremental_stream "
+                "or nc_benchmark instead)"
             )
         super()._before_training_exp(**kwargs)
 
@@ -211,14 +232,25 @@ class InfLoRAStrategy(SupervisedTemplate):
         model = self.model if model is None else model
         inner = unwrap_model(model)
         if self.is_training:
-            classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
+            classes = experience_classes(self.experience)
             if inner.num_classes is None:
                 inner.num_classes = infer_num_classes(self.experience)
             inner.start_task(classes)
+            for label in getattr(self.experience, "task_labels", None) or []:
+                known = self.task_label_classes.setdefault(int(label), [])
+                known.extend(c for c in classes if c not in known)
             width = inner.output_width
             local = torch.full((width,), -100, dtype=torch.long)
-            local[torch.tensor(classes)] = torch.arange(len(classes))
+            for task_classes in inner.task_classes:  # every seen class: its index in its own task's head
+                local[torch.tensor(task_classes)] = torch.arange(len(task_classes))
             self._local_targets = local.to(self.device)
+            if len(classes) == 1:
+                # One class alone would make the task's loss exactly 0: it is trained against every seen class
+                # instead (the old heads stay frozen; the new branch and head learn to tell it from them).
+                classes = inner.seen_classes
+            current = torch.full((width,), -100, dtype=torch.long)
+            current[torch.tensor(classes)] = torch.arange(len(classes))
+            self._current_targets = current.to(self.device)
             self._current_columns = torch.tensor(classes, dtype=torch.long, device=self.device)
             if ddp.is_distributed():
                 # Re-wrapped per task: the trainable parameters are new. Wrapping broadcasts rank 0's weights.
@@ -234,76 +266,34 @@ class InfLoRAStrategy(SupervisedTemplate):
             return
         ups = [adapter.up for _, adapter in inner.adapters()]
         head = list(inner.heads[-1].parameters())
-        groups = [{"params": ups, "lr": self.lr}, {"params": head, "lr": self.head_lr}]
-        fused = True if torch.device(self.device).type == "cuda" else None
-        if self.optimizer_name == "adam":
-            self.optimizer = torch.optim.Adam(groups, betas=self.betas, weight_decay=self.weight_decay, fused=fused)
-        else:
-            self.optimizer = torch.optim.SGD(
-                groups, momentum=self.momentum, weight_decay=self.weight_decay, fused=fused
-            )
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.optimizer = self.optimizer_factory([{"params": ups, "lr": self.lr}, {"params": head, "lr": self.head_lr}])
+        self.lr_scheduler = self.scheduler_factory(self.optimizer, self.train_epochs)
 
     # ----------------------------------------------------------------------------------------------- data
-    def make_train_dataloader(
-        self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
-        persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any,
-    ) -> None:
+    def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
+                              persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any) -> None:
         if not ddp.is_distributed():
             return super().make_train_dataloader(
                 num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
                 persistent_workers=persistent_workers, drop_last=drop_last, **kwargs,
             )
-        sampler = DistributedSampler(self.adapted_dataset, shuffle=shuffle, drop_last=drop_last)
-        self.dataloader = self._distributed_loader(
-            sampler, self.train_mb_size, num_workers, pin_memory, persistent_workers, drop_last
-        )
+        self.dataloader = ddp.sharded_loader(self.adapted_dataset, self.train_mb_size, self.device, num_workers,
+                                             pin_memory, persistent_workers, drop_last, shuffle=shuffle)
 
-    def make_eval_dataloader(
-        self, num_workers: int = 0, pin_memory: Optional[bool] = None, persistent_workers: bool = False, **kwargs: Any
-    ) -> None:
+    def make_eval_dataloader(self, num_workers: int = 0, pin_memory: Optional[bool] = None,
+                             persistent_workers: bool = False, **kwargs: Any) -> None:
         if not ddp.is_distributed():
             return super().make_eval_dataloader(
                 num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers, **kwargs
             )
         # Padded, unshuffled shards: equal batch counts on every rank; the padding is dropped after gathering.
-        sampler = DistributedSampler(self.adapted_dataset, shuffle=False, drop_last=False)
         self._eval_seen, self._eval_size = 0, len(self.adapted_dataset)
-        self.dataloader = self._distributed_loader(
-            sampler, self.eval_mb_size, num_workers, pin_memory, persistent_workers, False
-        )
-
-    def _distributed_loader(
-        self, sampler: DistributedSampler, global_batch: int, num_workers: int, pin_memory: Optional[bool],
-        persistent_workers: bool, drop_last: bool,
-    ) -> DataLoader:
-        args: dict[str, Any] = {}
-        collate_from_data_or_kwargs(self.adapted_dataset, args)
-        return DataLoader(
-            self.adapted_dataset,
-            batch_size=max(1, global_batch // ddp.world_size()),
-            sampler=sampler,
-            num_workers=num_workers,
-            pin_memory=torch.device(self.device).type == "cuda" if pin_memory is None else pin_memory,
-            persistent_workers=persistent_workers and num_workers > 0,
-            drop_last=drop_last,
-            **args,
-        )
+        self.dataloader = ddp.sharded_loader(self.adapted_dataset, self.eval_mb_size, self.device, num_workers,
+                                             pin_memory, persistent_workers, False, shuffle=False)
 
     def _before_training_epoch(self, **kwargs: Any) -> None:
-        sampler = getattr(self.dataloader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(self.clock.train_exp_epochs)
+        ddp.set_sampler_epoch(self.dataloader, self.clock.train_exp_epochs)
         super()._before_training_epoch(**kwargs)
-
-    def _lr_factor(self, epoch: int) -> float:
-        if self.lr_schedule == "cosine":
-            return reference_cosine_factor(epoch, self.train_epochs)
-        if self.lr_schedule == "annealing":
-            return cosine_annealing_factor(epoch, self.train_epochs)
-        if self.lr_schedule == "step":
-            return self.gamma ** sum(epoch >= m for m in self.milestones)
-        return 1.0
 
     def _after_training_epoch(self, **kwargs: Any) -> None:
         if self.lr_scheduler is not None:
@@ -311,10 +301,6 @@ class InfLoRAStrategy(SupervisedTemplate):
         super()._after_training_epoch(**kwargs)
 
     # ----------------------------------------------------------------------------------------------- step
-    def prepare_input(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
-        """The minibatch as the model sees it (after ``input_transform``, if any)."""
-        return x if self.input_transform is None else self.input_transform(x, training)
-
     def _compiled_model(self) -> Optional[nn.Module]:
         if not self.compile or ddp.is_distributed():
             return None
@@ -345,30 +331,70 @@ class InfLoRAStrategy(SupervisedTemplate):
             missing = int(self.mb_y.max()) + 1 - out.shape[1]
             if missing > 0:
                 out = torch.cat([out, out.new_full((out.shape[0], missing), UNSEEN_CLASS_LOGIT)], dim=1)
+        if self.eval_task_labels:
+            out = self._restrict_to_task_labels(out)
         return out
+
+    def _restrict_to_task_labels(self, out: torch.Tensor) -> torch.Tensor:
+        """Task-incremental prediction: each sample's logits outside its task label's classes are set very low."""
+        allowed = torch.zeros(max(self.task_label_classes, default=0) + 1, out.shape[1], dtype=torch.bool,
+                              device=out.device)
+        for label, classes in self.task_label_classes.items():
+            allowed[label, [c for c in classes if c < out.shape[1]]] = True
+        labels = self.mb_task_id.to(out.device).clamp(max=allowed.shape[0] - 1)
+        return out.masked_fill(~allowed[labels], UNSEEN_CLASS_LOGIT)
 
     def _gather_eval_batch(self, out: torch.Tensor) -> torch.Tensor:
         """Every rank's outputs and labels of this batch, in dataset order, without the sampler's padding."""
-        local = out.shape[0]
-        world = ddp.world_size()
-        positions = (self._eval_seen + torch.arange(local, device=out.device)).repeat_interleave(world) * world
-        positions += torch.arange(world, device=out.device).repeat(local)
-        keep = positions < self._eval_size
-        self._eval_seen += local
+        keep = ddp.unpadded_positions(self._eval_seen, out.shape[0], self._eval_size, out.device)
+        self._eval_seen += out.shape[0]
         gathered = ddp.gather_interleaved(out)[keep]
         self.mbatch[1] = ddp.gather_interleaved(self.mbatch[1])[keep]
         self.mbatch[-1] = ddp.gather_interleaved(self.mbatch[-1])[keep]
         return gathered
 
     def criterion(self) -> torch.Tensor:
-        if self.is_training and self._current_columns is not None:
+        """Training: cross-entropy of each sample over its own task's head (the current task's, unless the sample
+        was replayed from an earlier one). Evaluation: over every column."""
+        if not (self.is_training and self._current_columns is not None):
+            return self._criterion(self.mb_output, self.mb_y)
+        if not self._replaying():
             logits = self.mb_output[:, self._current_columns]
-            return self._criterion(logits, self._local_targets[self.mb_y])
-        return self._criterion(self.mb_output, self.mb_y)
+            return self._criterion(logits, self._current_targets[self.mb_y])
+        return self._mixed_task_loss()
+
+    def _replaying(self) -> bool:
+        from avalanche.training.plugins import ReplayPlugin
+
+        return any(isinstance(p, ReplayPlugin) for p in self.plugins)
+
+    def _mixed_task_loss(self) -> torch.Tensor:
+        inner = unwrap_model(self.model)
+        y, out = self.mb_y, self.mb_output
+        total = out.new_zeros((), dtype=torch.float32)
+        for classes in inner.task_classes:
+            columns = torch.tensor(classes, device=out.device)
+            mask = torch.isin(y, columns)
+            total = total + F.cross_entropy(out[mask][:, columns].float(), self._local_targets[y[mask]],
+                                            reduction="sum")
+        return total / max(1, y.numel())
 
     def _after_training_exp(self, **kwargs: Any) -> None:
         super()._after_training_exp(**kwargs)
         self._current_columns = None
-        self._local_targets = None
+        self._local_targets = self._current_targets = None
         self.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=self.lr)  # frees Adam's state
         self.lr_scheduler = None
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to continue this strategy mid-stream, between two experiences (see
+        :mod:`inflora_avalanche.strategy_state`)."""
+        from .strategy_state import strategy_state
+
+        return strategy_state(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        from .strategy_state import load_strategy_state
+
+        load_strategy_state(self, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import pytest
@@ -11,6 +12,15 @@ import torch
 from torch.utils.data import Dataset
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The project's shared test files, found next to the checkout (../shared) unless the variables point elsewhere:
+# `python -m pytest -q tests` runs the same tests here as .ci/run does.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TEST_DATA = os.environ.get("INFLORA_TEST_DATA") or (
+    str(SHARED / "data" / "tiny-imagenet-100") if (SHARED / "data" / "tiny-imagenet-100").is_dir() else None)
+TEST_WEIGHTS = os.environ.get("INFLORA_TEST_WEIGHTS") or (
+    str(SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
+    if (SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors").is_file() else None)
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
@@ -71,7 +81,6 @@ class SyntheticImages(Dataset):
 
 @pytest.fixture
 def shared_weights() -> str:
-    path = os.environ.get("INFLORA_TEST_WEIGHTS")
-    if not path or not os.path.isfile(path):
-        pytest.skip("INFLORA_TEST_WEIGHTS is not set to the shared ViT-S/14 weights file (.ci/run sets it)")
-    return path
+    if not TEST_WEIGHTS or not os.path.isfile(TEST_WEIGHTS):
+        pytest.skip("the shared ViT-S/14 weights are neither in ../shared/weights nor named by INFLORA_TEST_WEIGHTS")
+    return TEST_WEIGHTS

@@ -353,7 +353,7 @@ def test_inflora_stream_alignment_fixes_bias_and_keeps_backbone_bit_exact():
     test = SyntheticImages(range(6), per_class=24, seed=0, noise=0.3)
     x = test.x[torch.tensor(test.targets) == 5]
     with torch.no_grad():
-        feats = model.forward_features(x).double()
+        feats = model.forward_pooled(x).double()
     torch.testing.assert_close(plugin.means[5], feats.mean(0), rtol=1e-5, atol=1e-5)
     eye = torch.eye(feats.shape[1], dtype=torch.float64)
     torch.testing.assert_close(plugin.covariance(5), torch.cov(feats.T) + 1e-4 * eye, rtol=1e-4, atol=1e-5)

@@ -162,7 +162,7 @@ def test_resize_cache_reuses_and_matches_decoding(tmp_path):
     assert np.asarray(ds[0][0]).max() == 0
     with pytest.raises(ValueError, match="cache size"):
         ResizeCache(tmp_path / "c2", 0)
-    with pytest.raises(FileNotFoundError, match="no images"):
+    with pytest.raises(FileNotFoundError, match="no image files"):
         CachedImageFolder.from_folder(tmp_path / "cache")
 
 

@@ -25,11 +25,12 @@ from inflora_avalanche.methods import METHODS, MethodNotApplicable
 from inflora_avalanche.methods.l2p import BackboneNotSupported, L2PCompat
 from inflora_avalanche.methods.seq_lora import RandomSubspacePlugin, random_down_projection
 from inflora_avalanche.results import average_forgetting, forgetting_per_experience
+from inflora_avalanche import strategy_state as S
 from inflora_avalanche.run import resume as R
-from inflora_avalanche.run.config import ConfigError, layered_config
+from inflora_avalanche.run.config import ConfigError
 from inflora_avalanche.run.loop import run_experiment
-from inflora_avalanche.run.metrics import (UpdatedParameterCounter, experience_accuracies, peak_memory_mb,
-                                           reset_peak_memory)
+from inflora_avalanche.run.metrics import UpdatedParameterCounter, experience_accuracies
+from inflora_avalanche.run.presets import layered_config
 
 TINY_BACKBONE = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 FAST = {
@@ -322,6 +323,6 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
 
     # The same resume without EWC's / LwF's state trains the second experience differently: the check above
     # depends on that state being restored.
-    monkeypatch.setattr(R, "_load_avalanche_plugin_states", lambda strategy, state: None)
+    monkeypatch.setattr(S, "_load_avalanche_plugin_states", lambda strategy, state: None)
     _run(_config(method, tmp_path / "cut_without_plugin_state", resume=True))
     assert not _same_tensors(_final_model(tmp_path / "cut_without_plugin_state"), _final_model(tmp_path / "full"))

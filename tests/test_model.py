@@ -95,7 +95,7 @@ def test_output_is_indexed_by_label():
     finish_random_task(model, [5, 2], seed=0)
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
-    heads = model.forward_heads(model.forward_features(x))
+    heads = model.forward_heads(model.forward_pooled(x))
     assert out.shape == (2, 6)
     torch.testing.assert_close(out[:, [5, 2]], heads)
     assert (out[:, [0, 1, 3, 4]] <= -1e3).all()
@@ -126,7 +126,7 @@ def test_shared_pretrained_weights_load(shared_weights):
         "vit_small_patch14_dinov2", rank=4, checkpoint_path=shared_weights, img_size=56, dynamic_img_size=True
     ).eval()
     assert model.feature_dim == 384 and len(model.adapted_blocks) == 12
-    features = model.forward_features(torch.rand(2, 3, 56, 56))
+    features = model.forward_pooled(torch.rand(2, 3, 56, 56))
     assert features.shape == (2, 384) and torch.isfinite(features).all()
     # real weights, not a random init: the patch embedding equals the file's (cast to fp32)
     from safetensors.torch import load_file
@@ -174,6 +174,10 @@ def test_bad_tasks():
 
 def test_offline_download_failure_explains_how_to_supply_weights(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # huggingface_hub reads the variable once, at import: without this the test waits for network timeouts (~45 s)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     from inflora_avalanche import WeightsUnavailableError
 
     with pytest.raises(WeightsUnavailableError, match="checkpoint_path"):
@@ -184,10 +188,96 @@ def test_export_from_the_model_rebuilds_with_recorded_timm_kwargs(tmp_path):
     model = InfLoRAViT("vit_tiny_patch16_224", rank=2, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
     finish_random_task(model, [1, 0], seed=0)
     assert model.timm_kwargs["img_size"] == 32
-    model.export_timm(tmp_path / "m.safetensors")
+    model.export_timm(tmp_path / "m")
     from safetensors.torch import load_file
 
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **model.timm_kwargs).eval()
-    plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    plain.load_state_dict(load_file(str(tmp_path / "m" / "model.safetensors")))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- delta weight
+def test_get_delta_weight_is_the_one_low_rank_update():
+    torch.manual_seed(0)
+    adapter = InfLoRAQKV(nn.Linear(16, 48))
+    for _ in range(2):
+        adapter.start_branch(3)
+        adapter.set_down(torch.randn(3, 16))
+        adapter.up.data.normal_()
+        adapter.finish_branch()
+    adapter.start_branch(3)
+    adapter.set_down(torch.randn(3, 16))
+    adapter.up.data.normal_()
+    up = torch.cat([adapter.past_up, adapter.up.detach()], dim=1).double()
+    down = torch.cat([adapter.past_down, adapter.down], dim=0).double()
+    delta = adapter.get_delta_weight()
+    assert delta.shape == adapter.qkv.weight.shape and delta.dtype == torch.float64
+    assert not delta[:16].any()  # queries untouched
+    torch.testing.assert_close(delta[16:], up @ down)
+    torch.testing.assert_close(adapter.get_delta_weight(current=False)[16:], up[:, :6] @ down[:6])
+    torch.testing.assert_close(adapter.get_delta_weight(finished=False)[16:], up[:, 6:] @ down[6:])
+    second = adapter.get_delta_weight(finished=slice(3, 6), current=False)
+    torch.testing.assert_close(second[16:], up[:, 3:6] @ down[3:6])
+    torch.testing.assert_close(adapter.get_delta_weight(finished=[0, 1, 2], current=False)[16:], up[:, :3] @ down[:3])
+    assert not adapter.get_delta_weight(finished=[], current=False).any()
+    # merged: qkv.weight already holds the finished branches; effective_weight adds the open one
+    torch.testing.assert_close(
+        adapter.effective_weight().double(), adapter.qkv.weight.double() + adapter.get_delta_weight(finished=False)
+    )
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), nn.functional.linear(x, adapter.effective_weight(), adapter.qkv.bias))
+    adapter.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), nn.functional.linear(x, adapter.effective_weight(), adapter.qkv.bias))
+
+
+@pytest.mark.parametrize("where", ["finish", "merge"])
+def test_non_finite_merge_raises_naming_the_layer_and_leaves_the_weight(where):
+    model = InfLoRAViT(tiny_vit(), rank=2)
+    finish_random_task(model, [0, 1], seed=0)
+    model.start_task([2])
+    adapter = model.backbone.blocks[1].attn.qkv
+    adapter.set_down(torch.randn(2, 32))
+    if where == "merge":
+        model.unmerge()
+        adapter.past_up[5, 1] = float("inf")
+    else:
+        adapter.up.data[5, 1] = float("nan")
+    before = adapter.qkv.weight.clone()
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv: merging the \w+ branch.* non-finite"):
+        model.finish_task() if where == "finish" else model.merge()
+    assert torch.equal(adapter.qkv.weight, before)
+
+
+# ----------------------------------------------------------------------------------------------- timm interface
+def test_forward_is_forward_head_of_forward_features():
+    vit = tiny_vit()
+    model = InfLoRAViT(vit, rank=2).eval()
+    finish_random_task(model, [4, 1], seed=0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (3, 17, 32)  # timm's meaning: the token features, before pooling
+        torch.testing.assert_close(features, model.backbone.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), model.forward_head(features), rtol=0, atol=0)
+        pooled = model.forward_head(features, pre_logits=True)
+        assert pooled.shape == (3, model.num_features)
+        torch.testing.assert_close(pooled, model.forward_pooled(x), rtol=0, atol=0)
+        torch.testing.assert_close(pooled, model.backbone(x), rtol=0, atol=0)  # num_classes=0: the pooled feature
+        torch.testing.assert_close(model(x)[:, [4, 1]], model.forward_heads(pooled), rtol=0, atol=0)
+
+
+def test_pretrained_cfg_is_the_backbones_so_timm_resolves_its_data_config():
+    from timm.data import resolve_model_data_config
+
+    model = InfLoRAViT("vit_tiny_patch16_224", rank=2, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    data = resolve_model_data_config(model)
+    assert data == resolve_model_data_config(model.backbone)
+    assert data["mean"] == (0.5, 0.5, 0.5) and data["crop_pct"] == 0.9  # augreg's, not timm's ImageNet defaults
+    assert model.default_cfg == model.pretrained_cfg == model.backbone.pretrained_cfg
+    dino = InfLoRAViT("vit_small_patch14_dinov2", rank=2, img_size=28, depth=1, embed_dim=48, num_heads=3)
+    assert resolve_model_data_config(dino)["input_size"] == (3, 518, 518)  # timm's default would be 224
+    bare = InfLoRAViT(tiny_vit(), rank=2)  # a ready module: its own cfg
+    assert bare.pretrained_cfg["architecture"] == "vit_tiny_patch16_224"

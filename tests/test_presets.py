@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import inflora_avalanche
-from inflora_avalanche.run.config import layered_config
+from inflora_avalanche.run.presets import layered_config
 
 PACKAGE = Path(inflora_avalanche.__file__).parent
 PRESETS = PACKAGE / "presets"

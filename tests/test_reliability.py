@@ -20,6 +20,7 @@ from avalanche.core import SupervisedPlugin
 
 from inflora_avalanche.run import build, cli, loop
 from inflora_avalanche.run import config as C
+from inflora_avalanche.run import presets as P
 from inflora_avalanche.run.resume import CHECKPOINT_NAME, check_resume
 from inflora_avalanche.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -67,7 +68,7 @@ def _stop_after(experiences: int):
 def interrupted_run(tmp_path_factory) -> Path:
     """A demo run (1 epoch) stopped after its first experience: the folder holds a checkpoint and no results.json."""
     out = tmp_path_factory.mktemp("interrupted") / "run"
-    config = C.layered_config(C.DEMO_PRESET, None, {"out": str(out), "epochs": 1, "progress": False})
+    config = P.layered_config(P.DEMO_PRESET, None, {"out": str(out), "epochs": 1, "progress": False})
     threads = torch.get_num_threads()
     try:
         with pytest.raises(Stop):
@@ -131,7 +132,7 @@ def test_sigkill_during_the_second_experience_then_resume_gives_the_same_metrics
 def test_same_seed_same_results_on_cpu(interrupted_run, tmp_path):
     """Determinism: a second run with the same seed and settings reproduces the first one's numbers exactly."""
     first = json.loads((interrupted_run / "seed0" / "metrics.json").read_text())
-    config = C.layered_config(C.DEMO_PRESET, None, {"out": str(tmp_path / "again"), "epochs": 1, "progress": False})
+    config = P.layered_config(P.DEMO_PRESET, None, {"out": str(tmp_path / "again"), "epochs": 1, "progress": False})
     threads = torch.get_num_threads()
     try:
         with pytest.raises(Stop):
@@ -191,7 +192,7 @@ def test_checkpoint_format_round_trip_and_corruption(tmp_path):
 )
 def test_resume_refuses_a_checkpoint_of_another_run(interrupted_run, tmp_path, capsys, argv, needle):
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({k: v for k, v in C.load_preset(C.DEMO_PRESET).items() if k != "preset"}))
+    other.write_text(json.dumps({k: v for k, v in P.load_preset(P.DEMO_PRESET).items() if k != "preset"}))
     argv = [a.replace("{other}", str(other)) for a in argv]
     run = tmp_path / "run"
     shutil.copytree(interrupted_run, run)
@@ -203,7 +204,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(interrupted_run, tmp_path, c
 
 def test_resume_refuses_different_data(interrupted_run):
     """The stream's classes and sizes are checked too (e.g. a data folder whose content changed)."""
-    config = C.layered_config(C.DEMO_PRESET, None, {"epochs": 1})
+    config = P.layered_config(P.DEMO_PRESET, None, {"epochs": 1})
     state = load_checkpoint(interrupted_run / CHECKPOINT_NAME)
     _, info = build.build_stream(config)
     check_resume(config, info, state, interrupted_run)  # the same data: accepted

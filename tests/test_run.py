@@ -15,6 +15,7 @@ from PIL import Image
 from inflora_avalanche.methods import get_method
 from inflora_avalanche.run import build, cli
 from inflora_avalanche.run import config as C
+from inflora_avalanche.run import presets as P
 from inflora_avalanche.run.parallel import one_line
 from inflora_avalanche.results import average_incremental_accuracy
 
@@ -26,38 +27,38 @@ TINY_BACKBONE = {"img_size": 8, "patch_size": 4, "depth": 2, "embed_dim": 32, "n
 
 def test_every_preset_and_method_validates():
     """Every shipped preset, under its own method and under every other method, gives a valid config."""
-    presets = C.list_presets()
-    assert set(PAPER_PRESETS + [C.DEMO_PRESET, "synthetic_smoke", "tinyimagenet_dinov2"]) <= set(presets)
-    assert set(C.list_method_presets()) == {"inflora", "inflora_b5", "inflora_ca", "seq_lora", "linear_probe", "naive",
+    presets = P.list_presets()
+    assert set(PAPER_PRESETS + [P.DEMO_PRESET, "synthetic_smoke", "tinyimagenet_dinov2"]) <= set(presets)
+    assert set(P.list_method_presets()) == {"inflora", "inflora_b5", "inflora_ca", "seq_lora", "linear_probe", "naive",
                                             "ewc", "lwf", "l2p", "joint"}
     for name in presets:
-        config = C.layered_config(name, None, {"data_root": C.load_preset(name).get("data_root") or "images"})
-        assert config["preset"] == name and config["method"] == C.load_preset(name).get("method", "inflora")
+        config = P.layered_config(name, None, {"data_root": P.load_preset(name).get("data_root") or "images"})
+        assert config["preset"] == name and config["method"] == P.load_preset(name).get("method", "inflora")
         assert get_method(config["method"])
-    for method in C.list_method_presets():
-        config = C.layered_config("synthetic_smoke", method)
+    for method in P.list_method_presets():
+        config = P.layered_config("synthetic_smoke", method)
         assert config["method"] == method
 
 
 def test_method_settings_of_a_preset_apply_to_its_own_method_only():
-    cifar = C.layered_config("cifar100_inflora")
+    cifar = P.layered_config("cifar100_inflora")
     assert (cifar["lr"], cifar["rank"], cifar["memory"], cifar["epochs"]) == (5e-4, 10, "dualgpm", 20)
-    ca = C.layered_config("cifar100_inflora_ca")
+    ca = P.layered_config("cifar100_inflora_ca")
     assert (ca["optimizer"], ca["lr"], ca["head_lr"], ca["milestones"], ca["reset_final_norm"]) == (
         "sgd", 1e-3, 1e-2, [18], True)
     # the same stream and budget with EWC: EWC's own learning rates, not InfLoRA+CA's SGD settings
-    ewc = C.layered_config("cifar100_inflora_ca", "ewc")
+    ewc = P.layered_config("cifar100_inflora_ca", "ewc")
     assert (ewc["optimizer"], ewc["lr"], ewc["backbone_lr"], ewc["ewc_lambda"], ewc["lr_schedule"]) == (
         "adam", 5e-4, 1e-5, 1e4, "constant")
     assert (ewc["epochs"], ewc["batch_size"], ewc["benchmark"], ewc["reset_final_norm"]) == (20, 128, "split_cifar100",
                                                                                              False)
     # ImageNet-R's lamb 0.98 stays with InfLoRA; the b5 variant brings its own
-    assert C.layered_config("imagenet_r_10")["lamb"] == 0.98
-    assert C.layered_config("imagenet_r_10", "inflora_b5")["memory"] == "gpm"
+    assert P.layered_config("imagenet_r_10")["lamb"] == 0.98
+    assert P.layered_config("imagenet_r_10", "inflora_b5")["memory"] == "gpm"
 
 
 def test_the_schema_is_the_one_source_of_flags_defaults_and_resume_identity():
-    parser = cli.run_parser(None, C.merge_layers("imagenet_r_10"), "run")
+    parser = cli.run_parser(None, P.merge_layers("imagenet_r_10"), "run")
     flags = {opt for action in parser._actions for opt in action.option_strings}
     for field in C.FIELDS:
         assert field.flag in flags, field.name
@@ -97,22 +98,23 @@ def test_console_script_and_module_entry_points(tmp_path):
 
 def test_cli_overrides_and_validation():
     config = cli.config_from_argv(["--epochs", "3", "--batch-size", "16", "--seeds", "0", "1", "--no-normalize",
-                                   "--lr", "0.002", "--milestones", "2", "--set", "gamma=0.5"], "split_cifar100")
+                                   "--lr", "0.002", "--lr-schedule", "step", "--milestones", "2", "--set", "gamma=0.5"],
+                                  "split_cifar100")
     assert (config["epochs"], config["batch_size"], config["seeds"], config["lr"], config["milestones"],
             config["gamma"]) == (3, 16, [0, 1], 0.002, [2], 0.5)
     assert config["preset"] == "cifar100_inflora" and config["method"] == "inflora"
     with pytest.raises(C.ConfigError, match="unknown setting.*learning_rate"):
-        C.layered_config("cifar100_inflora", None, {"learning_rate": 1})
+        P.layered_config("cifar100_inflora", None, {"learning_rate": 1})
     with pytest.raises(C.ConfigError, match="unknown preset"):
-        C.layered_config("no_such_preset")
+        P.layered_config("no_such_preset")
     with pytest.raises(C.ConfigError, match="epochs .* must be >= 1"):
-        C.layered_config("cifar100_inflora", None, {"epochs": 0})
+        P.layered_config("cifar100_inflora", None, {"epochs": 0})
     with pytest.raises(C.ConfigError, match="epochs .* must be an integer"):
-        C.layered_config("cifar100_inflora", None, {"epochs": "3"})
+        P.layered_config("cifar100_inflora", None, {"epochs": "3"})
     with pytest.raises(C.ConfigError, match="run_imagenet_r.py"):
         cli.config_from_argv(["--preset", "imagenet_r_10"], "split_cifar100")
     with pytest.raises(C.ConfigError, match="needs --data-root"):
-        C.layered_config("imagenet_r_10", None, {"data_root": None})
+        P.layered_config("imagenet_r_10", None, {"data_root": None})
     with pytest.raises(C.ConfigError, match="given both as --lr and by --set"):
         cli.config_from_argv(["--lr", "0.1", "--set", "lr=0.2"], "split_cifar100")
     with pytest.raises(C.ConfigError, match="--demo runs its own offline preset.*--preset"):
@@ -185,7 +187,9 @@ def test_corrupt_image_is_reported_by_path(capsys, tmp_path):
     code, err, _ = _main(capsys, "--preset", str(preset), "--data-root", str(data), "--out", str(tmp_path / "out"),
                          benchmark="imagenet_r")
     assert code == 2 and "\n" not in err
-    assert "cannot read image" in err and str(data / "c1" / "3.png") in err
+    # found before anything trains, every bad file named, and the advice keeps --resume possible
+    assert "1 of the stream's 20 image files cannot be read" in err and str(data / "c1" / "3.png") in err
+    assert "Replace them with readable images" in err and not (tmp_path / "out").exists()
 
 
 def test_runner_pieces_for_reuse(tmp_path):
@@ -202,7 +206,7 @@ def test_runner_pieces_for_reuse(tmp_path):
             self.experiences += 1
 
     data = _folder(tmp_path / "data")
-    config = C.layered_config(str(_tiny_preset(tmp_path)), None, {"data_root": str(data), "reset_final_norm": True})
+    config = P.layered_config(str(_tiny_preset(tmp_path)), None, {"data_root": str(data), "reset_final_norm": True})
     bench, info = build.build_stream(config, tmp_path / "out")
     assert info.num_classes == 4 and (tmp_path / "out" / "folder_split_seed0.json").is_file()
     method = get_method(config["method"])
@@ -264,10 +268,11 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
     records = diagnostics["records"]
     assert len({r["experience"] for r in records}) == 5 and len(records) == 5 * len({r["layer"] for r in records})
     assert (out / "seed0" / "diagnostics" / "subspace_heatmaps.png").is_file()
-    # --export: a plain timm checkpoint after every experience; the last one predicts all 10 digits
-    exported = sorted((tmp_path / "export" / "seed0").glob("after_exp*.safetensors"))
-    assert [p.name for p in exported] == [f"after_exp{t}.safetensors" for t in range(1, 6)]
-    meta = json.loads(exported[-1].with_suffix(".json").read_text())
+    # --export: a timm folder after every experience; the last one predicts all 10 digits
+    exported = sorted((tmp_path / "export" / "seed0").glob("after_exp*"))
+    assert [p.name for p in exported] == [f"after_exp{t}" for t in range(1, 6)]
+    assert all((p / "model.safetensors").is_file() for p in exported)
+    meta = json.loads((exported[-1] / "config.json").read_text())
     assert meta["num_classes"] == 10 and sorted(meta["class_order"]) == list(range(10))
 
 
@@ -298,11 +303,11 @@ def test_ca_preset_attaches_classifier_alignment():
     from inflora_avalanche.alignment import ClassifierAlignmentPlugin
     from inflora_avalanche.methods.inflora import alignment_plugins
 
-    plugins = alignment_plugins(C.layered_config("cifar100_inflora_ca"))
+    plugins = alignment_plugins(P.layered_config("cifar100_inflora_ca"))
     assert len(plugins) == 1 and isinstance(plugins[0], ClassifierAlignmentPlugin)
-    assert alignment_plugins(C.layered_config("cifar100_inflora")) == []
+    assert alignment_plugins(P.layered_config("cifar100_inflora")) == []
     with pytest.raises(C.ConfigError, match="classifier_alignment"):
-        alignment_plugins(C.layered_config("cifar100_inflora_ca", None, {"classifier_alignment": {"no_such_arg": 1}}))
+        alignment_plugins(P.layered_config("cifar100_inflora_ca", None, {"classifier_alignment": {"no_such_arg": 1}}))
 
 
 def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_path, monkeypatch):
@@ -315,7 +320,7 @@ def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_pa
         torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen), [i % 100 for i in range(200)]
     )
     monkeypatch.setattr(D, "cifar100_uint8", fake)
-    config = C.layered_config("cifar100_inflora", None, {"data_root": str(tmp_path), "resolution": 48,
+    config = P.layered_config("cifar100_inflora", None, {"data_root": str(tmp_path), "resolution": 48,
                                                           "device_augment": True})
     bench, info = build.build_stream(config)
     assert info.extra["device_augment"] and len(bench.train_stream) == 10
@@ -328,7 +333,7 @@ def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_pa
     out = strategy.prepare_input(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), True)
     assert out.shape == (4, 3, 48, 48) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
     with pytest.raises(C.ConfigError, match="device_augment"):
-        C.layered_config("tinyimagenet_dinov2", None, {"data_root": "x", "device_augment": True})
+        P.layered_config("tinyimagenet_dinov2", None, {"data_root": "x", "device_augment": True})
 
 
 def test_script_short_preset_names():
@@ -337,12 +342,12 @@ def test_script_short_preset_names():
 
 
 def test_export_folder_is_checked_before_any_compute(capsys, tmp_path):
-    taken = tmp_path / "exports" / "seed0"
+    taken = tmp_path / "exports" / "seed0" / "after_exp1"
     taken.mkdir(parents=True)
-    (taken / "after_exp1.safetensors").write_bytes(b"earlier result")
+    (taken / "model.safetensors").write_bytes(b"earlier result")
     code, err, _ = _main(capsys, "--demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "exports"))
     assert code == 2 and "already holds exported models" in err and "\n" not in err
-    assert (taken / "after_exp1.safetensors").read_bytes() == b"earlier result"
+    assert (taken / "model.safetensors").read_bytes() == b"earlier result"
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
     code, err, _ = _main(capsys, "--demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "file"))

@@ -224,7 +224,8 @@ def test_optimizer_covers_current_task_only_and_schedule():
     strategy.train(benchmark.train_stream[0])
     assert isinstance(strategy.optimizer, torch.optim.SGD)  # Adam's state was freed after the task
     assert seen_lrs == pytest.approx([1e-3 * reference_cosine_factor(e, 4) for e in range(4)])
-    assert reference_cosine_factor(3, 4) == pytest.approx(math.cos(0.495 * math.pi))
+    assert seen_lrs[0] == seen_lrs[1] == 1e-3  # the reference runs its first two epochs at the full rate
+    assert reference_cosine_factor(3, 4) == pytest.approx(math.cos(99 * math.pi * 2 / (200 * 3)))
 
     sgd = InfLoRAStrategy(
         model=InfLoRAViT(tiny_vit(), rank=2), optimizer="sgd", lr=5e-3, lr_schedule="step", milestones=[1],
@@ -317,3 +318,44 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         strategy.train(benchmark.train_stream[0])
     assert strategy.compile is False and model.task_classes == [[0, 1]]
     assert all(a.past_up.abs().sum() > 0 for _, a in model.adapters())  # it trained eagerly
+
+
+class _ReferenceCosineSchedule:
+    """A transcription of the reference's ``utils/schedulers.py`` (``_LRScheduler`` + ``CosineSchedule``): the
+    constructor calls ``step(last_epoch + 1)`` once, then sets ``last_epoch = -1``; ``step()`` without an argument
+    moves to ``last_epoch + 1``; the rate is ``base * cos(99 pi last_epoch / (200 (K - 1)))``."""
+
+    def __init__(self, optimizer, K):
+        self.optimizer, self.K = optimizer, K
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.step(0)
+        self.last_epoch = -1
+
+    def step(self, epoch=None):
+        epoch = self.last_epoch + 1 if epoch is None else epoch
+        self.last_epoch = epoch
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * math.cos((99 * math.pi * self.last_epoch) / (200 * (self.K - 1)))
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5, 20, 50])
+def test_cosine_schedule_equals_the_reference_epoch_by_epoch(epochs):
+    """The reference's loop: build the scheduler, then per epoch train at the current rate and call ``step()``."""
+    from inflora_avalanche.training import epoch_scheduler
+
+    ours_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    ours = epoch_scheduler("cosine")(ours_opt, epochs)
+    if epochs == 1:
+        # the reference divides by K - 1 = 0 when it builds its scheduler; its only epoch would run at the base rate
+        with pytest.raises(ZeroDivisionError):
+            _ReferenceCosineSchedule(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4), epochs)
+        assert ours_opt.param_groups[0]["lr"] == 5e-4
+        return
+    ref_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    reference = _ReferenceCosineSchedule(ref_opt, epochs)
+    for epoch in range(epochs):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=0), epoch
+        reference.step()
+        ours.step()

@@ -26,7 +26,7 @@ from inflora_avalanche.streams import (
 )
 from inflora_avalanche.streams.domainnet import DOMAINNET_DOMAINS
 
-TEST_DATA = os.environ.get("INFLORA_TEST_DATA")
+from conftest import TEST_DATA  # noqa: E402  (../shared or INFLORA_TEST_DATA)
 
 
 def _png(path: Path, value: int, size: int = 6) -> None:
@@ -217,7 +217,7 @@ def test_digits_demo_stream():
     assert x.shape == (3, 12, 12) and y in (8, 9) and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
 
 
-@pytest.mark.skipif(not TEST_DATA, reason="INFLORA_TEST_DATA (the tiny-imagenet-100 folder) is not set")
+@pytest.mark.skipif(not TEST_DATA, reason="tiny-imagenet-100 is neither in ../shared/data nor named by INFLORA_TEST_DATA")
 def test_tiny_imagenet_folder_stream():
     root = Path(TEST_DATA)
     wnids = [line.split("\t")[1] for line in (root / "classes.tsv").read_text().splitlines() if line.strip()]

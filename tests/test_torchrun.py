@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from inflora_avalanche.run import build, cli, loop
-from inflora_avalanche.run import config as C
-from inflora_avalanche.run.resume import CHECKPOINT_NAME, check_resume
+from inflora_avalanche.run import cli
+from inflora_avalanche.run.resume import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "run_split_cifar.py"

@@ -76,6 +76,23 @@ def build_stream(config: dict, out_dir: Optional[Path] = None) -> tuple[Any, Str
         raise ConfigError(str(err)) from None
 
 
+def check_stream(config: dict, info: StreamInfo) -> None:
+    """Before anything trains: the stream has at least two classes, and every image file it will read has a readable
+    header (one line names every bad file)."""
+    from ..io import unreadable_images
+
+    if info.num_classes < 2:
+        raise ConfigError(f"the {info.name} stream has {info.num_classes} class; class-incremental learning needs at "
+                          "least two (check --data-root and --classes)")
+    bad = unreadable_images(info.files, workers=min(16, 4 * (os.cpu_count() or 1)))
+    if bad:
+        raise ImageLoadError(
+            f"{len(bad)} of the stream's {len(info.files)} image files cannot be read: {'; '.join(bad[:20])}"
+            + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+            + ". Replace them with readable images (deleting them changes the train/test split, which a later "
+              "--resume of this run would refuse), then run the same command again")
+
+
 def pretrained_weights_problem(backbone: str) -> Optional[str]:
     """Why timm's pretrained weights for ``backbone`` cannot be had right now (not cached and no network), or ``None``.
 

@@ -15,6 +15,7 @@ import sys
 from typing import Any, NoReturn, Optional, Sequence
 
 from . import config as C
+from . import presets as P
 
 PROG = "inflora-avalanche"
 # The default preset of each experiment script, and which streams it accepts (its presets' "benchmark").
@@ -131,7 +132,7 @@ def _first_pass(argv: Sequence[str], default_preset: str) -> argparse.Namespace:
 def _help_defaults(preset: str, method: Optional[str]) -> dict:
     """The settings a run of ``preset`` would have without flags (for ``--help``); schema defaults if unreadable."""
     try:
-        return C.merge_layers(preset, method)
+        return P.merge_layers(preset, method)
     except C.ConfigError:
         return dict(C.DEFAULTS)
 
@@ -210,8 +211,8 @@ def config_from_argv(argv: Sequence[str], benchmark: Optional[str] = None, prog:
     first = _first_pass(argv, SCRIPT_DEFAULTS.get(benchmark or "", "cifar100_inflora"))
     preset = first.preset or SCRIPT_DEFAULTS.get(benchmark or "", "cifar100_inflora")
     if first.demo:
-        preset = C.DEMO_PRESET
-    preset = C.resolve_preset_name(preset, SCRIPT_PREFIX.get(benchmark or "", ""))
+        preset = P.DEMO_PRESET
+    preset = P.resolve_preset_name(preset, SCRIPT_PREFIX.get(benchmark or "", ""))
     parser = run_parser(benchmark, _help_defaults(preset, first.method), prog)
     args = parser.parse_args(list(argv))
     if args.list_presets:
@@ -222,8 +223,9 @@ def config_from_argv(argv: Sequence[str], benchmark: Optional[str] = None, prog:
         conflicts = [flag for flag, given in (("--preset", first.preset), ("--data-root", "data_root" in overrides),
                                               ("--benchmark", "benchmark" in overrides)) if given]
         if conflicts:
-            raise C.ConfigError(f"--demo runs its own offline preset ({C.DEMO_PRESET}); drop {', '.join(conflicts)}")
-    config = C.layered_config(preset, first.method, overrides)
+            raise C.ConfigError(f"--demo runs its own offline preset ({P.DEMO_PRESET}); drop {', '.join(conflicts)}")
+    config = P.layered_config(preset, first.method, overrides)
+    C.check_method_settings(config, set(overrides))
     accepted = SCRIPT_ACCEPTS.get(benchmark or "")
     if accepted is not None and config["benchmark"] not in accepted:
         script = SCRIPTS.get(config["benchmark"], "run_imagenet_r.py")
@@ -293,16 +295,16 @@ def _run(argv: list, benchmark: Optional[str], prog: str) -> int:
 # --------------------------------------------------------------------------------------------------- presets
 def print_presets() -> None:
     print("presets (inflora-avalanche run --preset NAME):")
-    for name in C.list_presets():
+    for name in P.list_presets():
         try:
-            preset = C.load_preset(name)
+            preset = P.load_preset(name)
         except C.ConfigError as err:
             print(f"  {name:24s} (unreadable: {err})")
             continue
         print(f"  {name:24s} [{preset.get('method', C.DEFAULTS['method'])}] {preset.get('description', '')}")
     print("\nmethods (--method NAME; inflora-avalanche compare --methods NAME ...):")
-    for name in C.list_method_presets():
-        print(f"  {name:24s} {C.method_label(name)}")
+    for name in P.list_method_presets():
+        print(f"  {name:24s} {P.method_label(name)}")
 
 
 # --------------------------------------------------------------------------------------------------- entry

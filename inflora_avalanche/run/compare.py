@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from ..results import average_forgetting, mean_std
 from . import config as C
+from . import presets as P
 from .cli import PROG, Parser, _first_pass, _help_defaults, _overrides, add_field_flags, fail
 
 METRICS = ("A_last", "A_avg", "forgetting", "trainable_params", "train_time_s", "peak_memory_mb")
@@ -130,8 +131,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
 def compare_parser(defaults: dict) -> Parser:
     parser = Parser(prog=f"{PROG} compare", description=__doc__.split("\n\n")[0],
                     usage="%(prog)s --out DIR [--methods NAME ...] [--preset NAME|FILE] [--KEY VALUE ...]")
-    parser.add_argument("--methods", nargs="+", default=list(C.list_method_presets()), metavar="METHOD",
-                        help=f"methods to run, in table order (default: all: {' '.join(C.list_method_presets())})")
+    parser.add_argument("--methods", nargs="+", default=list(P.list_method_presets()), metavar="METHOD",
+                        help=f"methods to run, in table order (default: all: {' '.join(P.list_method_presets())})")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"preset giving the stream, backbone and budget (default: {DEFAULT_PRESET})")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
@@ -148,15 +149,15 @@ def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
     overrides = _overrides(args)
     if "out" not in overrides or not overrides["out"]:
         raise C.ConfigError("compare needs --out: the folder for every method's run and the table")
-    unknown = [m for m in args.methods if m not in C.list_method_presets()]
+    unknown = [m for m in args.methods if m not in P.list_method_presets()]
     if unknown or not args.methods:
-        raise C.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(C.list_method_presets())}")
+        raise C.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(P.list_method_presets())}")
     if len(set(args.methods)) != len(args.methods):
         raise C.ConfigError(f"--methods names a method twice: {args.methods}")
     out = Path(overrides["out"]).expanduser()
     configs = {}
     for method in args.methods:
-        configs[method] = C.layered_config(preset, method, {**overrides, "out": str(out / method)})
+        configs[method] = P.layered_config(preset, method, {**overrides, "out": str(out / method)})
     return args, configs
 
 
@@ -209,7 +210,7 @@ def compare_main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for method, config in configs.items():
-        label = C.method_label(method)
+        label = P.method_label(method)
         print(f"== {label} ({method}) -> {config['out']}", flush=True)
         code, reason = _run_isolated(config, out) if args.isolate else _run_here(config)
         results_path = Path(config["out"]) / "results.json"

@@ -1,28 +1,16 @@
 """The one config schema of the runner: every setting, its type, default, help, and what it means for resume.
 
 The command-line flags (``--<key-with-dashes>``), the defaults shown by ``--help``, the validation and the resume
-identity are all derived from :data:`FIELDS`. A config is built in layers, each validated with the same rules:
-
-    schema defaults < the method's preset (``presets/methods/<method>.json``) < the preset < command-line flags
-
-Method hyper-parameters (``group="method"``) of a preset apply only to the method that preset names: running a
-preset with another ``--method`` (or inside ``compare``) takes that method's own values instead.
-
-Torch-free on purpose: ``--help`` and every configuration error come before any heavy import.
+identity are all derived from :data:`FIELDS`; :mod:`.presets` layers presets over it. Torch-free on purpose:
+``--help`` and every configuration error come before any heavy import.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-METHOD_PRESET_DIR = PRESET_DIR / "methods"
-DEMO_PRESET = "demo_digits"
 BENCHMARKS = ("split_cifar100", "imagenet_r", "domainnet", "folder", "digits", "synthetic")
 FIXED_CLASS_COUNTS = {"split_cifar100": 100, "digits": 10}
 
@@ -171,8 +159,8 @@ FIELDS: tuple[Field, ...] = (
     _F("overwrite", "bool", False, "allow writing into an existing non-empty --out folder", resume="free"),
     _F("resume", "bool", False, "continue the run in --out from its checkpoint (written after every experience)",
        resume="free"),
-    _F("export", "path", None, "after every experience, write a plain timm checkpoint to "
-       "DIR/seed<N>/after_exp<t>.safetensors (InfLoRA methods)", nullable=True, resume="free"),
+    _F("export", "path", None, "after every experience, write the merged model as a timm folder "
+       "DIR/seed<N>/after_exp<t>/ (model.safetensors + config.json; InfLoRA methods)", nullable=True, resume="free"),
     _F("progress", "bool", None, "progress bars (default: only when the output is a terminal)", nullable=True,
        resume="free"),
     _F("diagnostics", "bool", True, "subspace diagnostics per layer and task (InfLoRA methods)"),
@@ -182,92 +170,6 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS}
 METHOD_KEYS = frozenset(f.name for f in FIELDS if f.group == "method")
 RESUME_IDENTITY_KEYS = frozenset(f.name for f in FIELDS if f.resume == "identity") | {"preset"}
 RESUME_FREE_KEYS = frozenset(f.name for f in FIELDS if f.resume == "free")
-
-
-# --------------------------------------------------------------------------------------------------- presets
-def list_presets() -> list[str]:
-    """Names of the experiment presets shipped with the package."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def list_method_presets() -> list[str]:
-    return sorted(p.stem for p in METHOD_PRESET_DIR.glob("*.json"))
-
-
-def _read_json_object(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise ConfigError(f"{what} {path} is not valid JSON: {err}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must hold a JSON object")
-    return data
-
-
-def resolve_preset_name(name: str, prefix: str = "") -> str:
-    """A shipped preset's name, also when given without the script's prefix (``inflora_ca`` -> ``cifar100_...``)."""
-    names = list_presets()
-    if name not in names and prefix and prefix + name in names:
-        return prefix + name
-    return name
-
-
-def load_preset(name_or_path: str) -> dict:
-    """A preset by name (shipped with the package) or by the path of a JSON file; checked key by key."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix != ".json":
-        path = PRESET_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(list_presets())} or a .json file")
-    preset = _read_json_object(path, "preset")
-    preset.setdefault("preset", path.stem)
-    check_values({k: v for k, v in preset.items() if k != "preset"}, f"preset {path.name}")
-    return preset
-
-
-def load_method_preset(method: str) -> dict:
-    """The hyper-parameters a method brings (``presets/methods/<method>.json``)."""
-    path = METHOD_PRESET_DIR / f"{method}.json"
-    if not path.is_file():
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(list_method_presets())}")
-    preset = _read_json_object(path, "method preset")
-    preset.pop("label", None)
-    check_values(preset, f"method preset {path.name}")
-    bad = sorted(set(preset) - METHOD_KEYS - {"reset_final_norm"})
-    if bad:
-        raise ConfigError(f"method preset {path.name} may only set method hyper-parameters, not {bad}")
-    return preset
-
-
-def method_label(method: str) -> str:
-    path = METHOD_PRESET_DIR / f"{method}.json"
-    return str(_read_json_object(path, "method preset").get("label", method)) if path.is_file() else method
-
-
-def layered_config(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
-    """Schema defaults < method preset < ``preset`` (its method keys only for its own method) < ``overrides``.
-
-    ``method=None`` takes the preset's method. The result is validated."""
-    return validate_config(merge_layers(preset, method, overrides))
-
-
-def merge_layers(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
-    """:func:`layered_config` without the final validation (each layer is still checked value by value)."""
-    overrides = dict(overrides or {})
-    method = method or overrides.pop("method", None)
-    chosen = load_preset(preset)
-    method = method or chosen.get("method") or DEFAULTS["method"]
-    if chosen.get("method", DEFAULTS["method"]) != method:
-        chosen = {k: v for k, v in chosen.items() if k not in METHOD_KEYS}
-    config = copy.deepcopy(DEFAULTS)
-    config.update(load_method_preset(method))
-    config.update(chosen)
-    config["method"] = method
-    check_values(overrides, "the command line")
-    config.update(overrides)
-    return config
 
 
 # --------------------------------------------------------------------------------------------------- values
@@ -359,7 +261,7 @@ def validate_config(config: dict) -> dict:
            f"device must be auto, cpu, cuda, cuda:N or mps, got {c['device']!r}")
     for key in ("mean", "std"):
         _check(c[key] is None or len(c[key]) == 3, f"{key} must be 3 numbers, got {c[key]!r}")
-    _check(len(c["betas"]) == 2 and all(0 <= b < 1 for b in c["betas"]), f"betas must be 2 numbers in [0, 1)")
+    _check(len(c["betas"]) == 2 and all(0 <= b < 1 for b in c["betas"]), "betas must be 2 numbers in [0, 1)")
     _check(0 < c["test_fraction"] < 1, f"test_fraction must be in (0, 1), got {c['test_fraction']}")
     _check(0 < c["lamb"] <= 1, f"lamb must be in (0, 1], got {c['lamb']}; the paper uses 0.95 (CIFAR-100) or 0.98 "
            "(ImageNet-R)")
@@ -383,9 +285,53 @@ def validate_config(config: dict) -> dict:
         _check(known % c["n_experiences"] == 0,
                f"the {known} classes of {c['benchmark']} cannot be split evenly into {c['n_experiences']} experiences; "
                f"choose --n-experiences among {[n for n in range(1, known + 1) if known % n == 0]}")
+    if _is_int(c["classes"]):
+        _check(c["classes"] >= 2, "classes: 1 class in all, but class-incremental learning needs at least two")
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
     _check(not (c["device_augment"] and c["benchmark"] != "split_cifar100"),
            "device_augment is for Split CIFAR-100 (decoded uint8 tensors); folder streams decode in DataLoader "
            "workers: drop --device-augment")
     return config
+
+
+# Settings that mean nothing next to another one given explicitly: (key, when, why).
+CONFLICTS: tuple = (
+    ("split_manifest", ("classes", "max_train_per_class", "max_test_per_class", "split_seed", "test_fraction"),
+     "the manifest fixes the classes and the split"),
+    ("weights", ("pretrained",), "the local weights file replaces timm's pretrained weights"),
+)
+
+
+def check_conflicts(config: dict, explicit: set) -> None:
+    """Refuse settings given on the command line that another setting there makes meaningless (one line each)."""
+    for key, others, why in CONFLICTS:
+        clash = sorted(k for k in others if k in explicit)
+        if config.get(key) and key in explicit and clash:
+            flags = ", ".join(FIELD_BY_NAME[k].flag for k in clash)
+            raise ConfigError(f"{FIELD_BY_NAME[key].flag} and {flags} were both given, but {why}: drop {flags}")
+    if "milestones" in explicit and config["lr_schedule"] != "step":
+        raise ConfigError(f"--milestones apply to --lr-schedule step, not {config['lr_schedule']}: drop one of them")
+    if "momentum" in explicit and config["optimizer"] != "sgd":
+        raise ConfigError(f"--momentum applies to --optimizer sgd, not {config['optimizer']}: drop one of them")
+    if "betas" in explicit and config["optimizer"] != "adam":
+        raise ConfigError(f"--betas apply to --optimizer adam, not {config['optimizer']}: drop one of them")
+
+
+INFLORA_ONLY = ("rank", "adapted_blocks", "lamb", "lame", "memory", "classifier_alignment", "reset_final_norm")
+
+
+def check_method_settings(config: dict, explicit: set) -> None:
+    """``run``: settings given on the command line that the chosen method does not use are refused, not ignored
+    (``compare`` passes every flag to every method, and each takes what it uses)."""
+    from ..methods import REGISTRY
+
+    method = REGISTRY.get(config["method"])
+    if method is None or method.inflora:
+        return
+    used = {k for k in INFLORA_ONLY if k in explicit}
+    if "diagnostics" in explicit and config["diagnostics"]:
+        used.add("diagnostics")
+    if used:
+        raise ConfigError(f"{', '.join(FIELD_BY_NAME[k].flag for k in sorted(used))} only apply to the InfLoRA "
+                          f"methods, not {config['method']}: drop them")

@@ -27,10 +27,10 @@ from . import build as B
 from .config import validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
-from .output import check_export_dir, export_experience, prepare_output_dir, write_json, write_results
+from .output import OutputLock, check_export_dir, export_experience, prepare_output_dir, write_json, write_results
 from .parallel import on_all, on_main
-from .resume import (CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume, load_strategy_state,
-                     strategy_state)
+from ..strategy_state import load_strategy_state, strategy_state
+from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume
 
 DEMO_BANNER = (
     "DEMO: scikit-learn's 8x8 digits (5 experiences x 2 classes) on a tiny random-init ViT, on the CPU. It runs the "
@@ -168,7 +168,7 @@ def run_seed(
 
 def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], runtime_s: float) -> dict:
     """The content of ``results.json``."""
-    from ..run.config import method_label
+    from .presets import method_label
 
     return {
         "preset": config.get("preset"),
@@ -218,22 +218,43 @@ def run_experiment(
         log = lambda *_: None  # noqa: E731
     out_str, has_checkpoint = on_main(lambda: _prepare(config))
     out_dir = Path(out_str)
-    ckpt_path = out_dir / CHECKPOINT_NAME
     if config["demo"]:
         log(DEMO_BANNER)
     if config["cpu_threads"]:
         torch.set_num_threads(config["cpu_threads"])
     B.set_determinism(config)
     created = main_process and not out_dir.exists()
-    if main_process:
+    lock = OutputLock(out_dir)
+
+    def take_lock() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+
+    on_main(take_lock)
     try:
-        bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)  # made just now: holds at most the split manifest
-        raise
-    config = {**config, "out": str(out_dir)}
+        if lock.stale_note:
+            log(lock.stale_note)
+        try:
+            bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
+            on_main(lambda: B.check_stream(config, info))
+        except BaseException:
+            if created:
+                lock.release()
+                shutil.rmtree(out_dir, ignore_errors=True)  # made just now: holds at most the split manifest
+            raise
+        return _run_seeds({**config, "out": str(out_dir)}, bench, info, out_dir, has_checkpoint, extra_plugins,
+                          on_experience_end, log)
+    finally:
+        if main_process:
+            lock.release()
+
+
+def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_checkpoint: bool,
+               extra_plugins: Callable[[int], Iterable[Any]], on_experience_end: Optional[Callable],
+               log: Callable[[str], None]) -> dict:
+    """Every seed of ``config`` in ``out_dir`` (locked), from the checkpoint on with ``resume``."""
+    main_process = ddp.is_main_process()
+    ckpt_path = out_dir / CHECKPOINT_NAME
     checkpoint: Optional[dict] = None
     if config["resume"] and has_checkpoint:
         checkpoint = on_all(lambda: load_checkpoint(ckpt_path))

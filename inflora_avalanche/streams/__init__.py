@@ -8,6 +8,7 @@ from .common import (
     DataUnavailableError,
     ImageLoadError,
     StreamInfo,
+    class_incremental_stream,
     TensorImageDataset,
     image_transforms,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ImageFileDataset",
     "StreamInfo",
     "TensorImageDataset",
+    "class_incremental_stream",
     "folder_benchmark",
     "folder_split",
     "image_transforms",

@@ -8,16 +8,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torchvision import transforms as T
 
+from ..io import DataUnavailableError, ImageLoadError  # noqa: F401  (re-exported; io.py is torch-free)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataUnavailableError(ValueError):
-    """A data set is missing or incomplete; the message says where to put it."""
-
-
-class ImageLoadError(ValueError):
-    """An image file listed in a data set cannot be read; the message names the file."""
 
 
 def image_transforms(
@@ -78,6 +72,7 @@ class StreamInfo:
     train_size: int = 0
     test_size: int = 0
     extra: dict = field(default_factory=dict)
+    files: list = field(default_factory=list, repr=False)  # the image files the stream reads (checked up front)
 
     def to_dict(self) -> dict:
         return {

@@ -15,16 +15,15 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..io import IMAGE_EXTENSIONS, atomic_write_json, open_rgb, scan_class_folders  # noqa: F401  (re-exported)
 from .common import (
     DataUnavailableError,
-    ImageLoadError,
     StreamInfo,
     check_class_order,
     class_incremental_stream,
     image_transforms,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TEST_FOLDER_NAMES = ("val", "test")
 MANIFEST_FORMAT = "inflora-avalanche split manifest v1"
 PathLike = Union[str, os.PathLike]
@@ -46,55 +45,25 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")  # also forces the full decode, so truncated files fail here
-        except (OSError, ValueError, SyntaxError) as err:
-            raise ImageLoadError(
-                f"cannot read image {path} ({type(err).__name__}: {err}); replace or delete the file"
-            ) from None
-        return img, label
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _class_folders(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
-
-
-def scan_class_folders(root: PathLike) -> tuple[list[str], dict[str, list[str]]]:
-    """Class names (sorted folder names) and, per class, its image files (sorted paths) under ``root/<class>/``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataUnavailableError(f"image folder {root} does not exist")
-    folders = _class_folders(root)
-    if not folders:
-        raise DataUnavailableError(f"{root} has no class subfolders; expected the layout {root}/<class>/<image>")
-    files: dict[str, list[str]] = {}
-    for folder in folders:
-        images = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _is_image(p))
-        if not images:
-            raise DataUnavailableError(
-                f"class folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
-            )
-        files[folder.name] = images
-    return [f.name for f in folders], files
+        return open_rgb(path), label
 
 
 def detect_layout(root: PathLike) -> Optional[tuple[Path, Path]]:
-    """``(train_dir, test_dir)`` when ``root`` has ``train/`` and ``val/`` (or ``test/``) subfolders, else ``None``."""
+    """``(train_dir, test_dir)`` when ``root`` has ``train/`` and ``val/`` (or ``test/``) subfolders, else ``None``.
+
+    Half of that layout (``train/`` without ``val/``, or the reverse) is refused: read as class folders it would
+    become a class named "train"."""
     root = Path(root)
     train = root / "train"
-    if not train.is_dir():
-        return None
-    for name in TEST_FOLDER_NAMES:
-        if (root / name).is_dir():
-            return train, root / name
+    tests = [root / name for name in TEST_FOLDER_NAMES if (root / name).is_dir()]
+    if train.is_dir() and tests:
+        return train, tests[0]
+    if train.is_dir() or tests:
+        have = "train/" if train.is_dir() else f"{tests[0].name}/"
+        raise DataUnavailableError(
+            f"{root} has {have} but not {'val/ (or test/)' if train.is_dir() else 'train/'}: give both "
+            f"{root}/train/<class>/ and {root}/val/<class>/, or put the class folders directly in {root}")
     return None
 
 
@@ -130,14 +99,10 @@ def _select_classes(classes: list[str], selection: Union[None, int, Sequence[str
 
 def write_manifest(path: PathLike, root: Path, classes: list[str], train: list[Sample], test: list[Sample], **info: Any) -> None:
     """Write a split as JSON: paths relative to ``root``, labels, and how the split was made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rel = lambda samples: [[os.path.relpath(p, root), y] for p, y in samples]  # noqa: E731
     data = {"format": MANIFEST_FORMAT, "root": str(root.resolve()), **info, "classes": classes,
             "train": rel(train), "test": rel(test)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=0))
-    tmp.replace(path)
+    atomic_write_json(path, data, indent=0)
 
 
 def read_manifest(path: PathLike, root: Optional[PathLike] = None) -> tuple[list[str], list[Sample], list[Sample], dict]:
@@ -249,6 +214,7 @@ def samples_benchmark(
         train_size=len(train_ds),
         test_size=len(test_ds),
         extra=dict(info or {}),
+        files=[path for path, _ in (*train, *test)],
     )
     return bench, stream_info
 

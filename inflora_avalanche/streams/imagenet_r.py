@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..io import class_folders
 from .common import DataUnavailableError
 from .folder import PathLike, folder_benchmark
 
@@ -35,11 +36,11 @@ def split_imagenet_r(
     """Split ImageNet-R: ``(benchmark, StreamInfo)``; the split (per class, ``test_fraction`` for test) comes from
     ``split_seed`` and is written to ``manifest_path``; the folder itself is never changed."""
     root = Path(root)
-    if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
+    n_folders = len(class_folders(root)) if root.is_dir() else 0
+    if not n_folders:
         raise DataUnavailableError(imagenet_r_help(root))
     if n_experiences not in (5, 10, 20):
         raise ValueError(f"ImageNet-R is run with 5, 10 or 20 experiences, got {n_experiences}")
-    n_folders = sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if split_manifest is None and expected_classes is not None and n_folders != expected_classes:
         raise DataUnavailableError(
             f"{root} has {n_folders} class folders, ImageNet-R has {expected_classes}; point --data-root at "

@@ -1,0 +1,151 @@
+"""Files in and out: the package's one atomic write and its one reader of image folders.
+
+Torch-free (PIL is imported on first decode), so that command-line checks and small tools can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+PathLike = Union[str, os.PathLike]
+
+# Compared lower-cased: ``.JPEG`` (Tiny-ImageNet), ``.jpg`` (ImageNet-R, DomainNet) and ``.PNG`` are all images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class DataUnavailableError(ValueError):
+    """A data set is missing or incomplete; the message says where to put it."""
+
+
+class ImageLoadError(ValueError):
+    """An image file listed in a data set cannot be read; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], fsync: bool = True) -> None:
+    """Create ``path`` by ``write(temporary path)`` in the same folder and a rename, so that a crash or an error
+    leaves the old file (or none) whole, never half a file; the temporary file is removed on failure.
+
+    The file gets the permissions a plain ``open`` would give (``0o666`` less the umask; ``mkstemp`` makes ``0600``).
+    ``fsync`` flushes the data to disk before the rename (so a power cut cannot leave an empty file under the new
+    name); a cache that can be rebuilt may skip it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """``text`` at ``path`` (UTF-8, line ends as given), atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
+
+
+def atomic_write_json(path: PathLike, data: Any, indent: int = 2) -> None:
+    """``data`` as JSON text (ending in a newline) at ``path``, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- image folders
+def is_image_file(path: Path) -> bool:
+    """An image by its extension (any case); hidden files (``.DS_Store``, ``._x.jpg`` of macOS) are not."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: PathLike, recursive: bool = True) -> list[str]:
+    """The image files in ``folder`` (and its subfolders when ``recursive``), as paths sorted by name; none for a
+    missing folder (callers say what they expected)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(str(p) for p in entries if p.is_file() and is_image_file(p))
+
+
+def class_folders(root: PathLike) -> list[Path]:
+    """The class folders ``root/<class>/`` sorted by name; hidden folders (``.git``, ``.cache``) are not classes."""
+    return sorted((p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def scan_class_folders(root: PathLike) -> tuple[list[str], dict[str, list[str]]]:
+    """Class names (sorted folder names) and, per class, its image files (sorted paths, subfolders included) under
+    ``root/<class>/``. Raises :class:`DataUnavailableError` for a missing root, no class folders, or an empty class
+    (a class without images would break the label range silently)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataUnavailableError(f"image folder {root} does not exist")
+    folders = class_folders(root)
+    if not folders:
+        raise DataUnavailableError(f"{root} has no class subfolders; expected the layout {root}/<class>/<image>")
+    files: dict[str, list[str]] = {}
+    for folder in folders:
+        images = list_images(folder)
+        if not images:
+            raise DataUnavailableError(
+                f"class folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+            )
+        files[folder.name] = images
+    return [f.name for f in folders], files
+
+
+def open_rgb(path: PathLike):
+    """The image at ``path`` as a fully decoded RGB PIL image; an unreadable file raises :class:`ImageLoadError`
+    naming it, so that one bad file among thousands can be found (also from DataLoader workers)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # also forces the full decode, so truncated files fail here
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageLoadError(
+            f"cannot read image {path} ({type(err).__name__}: {err}); replace or delete the file"
+        ) from None
+
+
+def unreadable_images(paths: Sequence[PathLike], workers: int = 8) -> list[str]:
+    """``"path (reason)"`` for every file in ``paths`` that is missing or whose image header cannot be read; checked
+    in threads (file opening waits on the disk), in the order of ``paths``. Reading the header is cheap and catches
+    missing, empty, foreign and most corrupt files before any training; truncated pixel data is still reported by
+    :func:`open_rgb` when the image is decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path: PathLike) -> Optional[str]:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018  (the header is parsed on open)
+            return None
+        except FileNotFoundError:
+            return f"{path} (missing)"
+        except (OSError, ValueError, SyntaxError) as err:
+            return f"{path} ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [p for p in pool.map(problem, paths) if p is not None]
