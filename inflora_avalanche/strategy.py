@@ -369,14 +369,19 @@ class InfLoRAStrategy(SupervisedTemplate):
         return any(isinstance(p, ReplayPlugin) for p in self.plugins)
 
     def _mixed_task_loss(self) -> torch.Tensor:
+        """Mean over the batch of each sample's cross-entropy on its own task's columns (the current task's are
+        those it trains on: all seen classes for a one-class task)."""
         inner = unwrap_model(self.model)
         y, out = self.mb_y, self.mb_output
         total = out.new_zeros((), dtype=torch.float32)
-        for classes in inner.task_classes:
-            columns = torch.tensor(classes, device=out.device)
-            mask = torch.isin(y, columns)
-            total = total + F.cross_entropy(out[mask][:, columns].float(), self._local_targets[y[mask]],
-                                            reduction="sum")
+        last = len(inner.task_classes) - 1
+        for task, classes in enumerate(inner.task_classes):
+            mask = torch.isin(y, torch.tensor(classes, device=out.device))
+            if task == last:
+                columns, targets = self._current_columns, self._current_targets[y[mask]]
+            else:
+                columns, targets = torch.tensor(classes, device=out.device), self._local_targets[y[mask]]
+            total = total + F.cross_entropy(out[mask][:, columns].float(), targets, reduction="sum")
         return total / max(1, y.numel())
 
     def _after_training_exp(self, **kwargs: Any) -> None:
