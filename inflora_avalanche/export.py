@@ -124,15 +124,25 @@ def _input_size(model: InfLoRAViT, cfg: Mapping[str, Any], kwargs: Mapping[str, 
     return (channels, int(size[0]), int(size[1]))
 
 
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+
+
 def timm_config(
-    model: InfLoRAViT, architecture: str, kwargs: Mapping[str, Any], num_classes: int, label_names: Optional[list]
+    model: InfLoRAViT, architecture: str, kwargs: Mapping[str, Any], num_classes: int, label_names: Optional[list],
+    data_config: Optional[Mapping[str, Any]] = None,
 ) -> dict:
-    """The timm part of ``config.json``: what ``timm.create_model("local-dir:...")`` reads."""
+    """The timm part of ``config.json``: what ``timm.create_model("local-dir:...")`` reads. ``data_config``
+    (``mean``, ``std``, ``crop_pct``, ``interpolation``, ...) replaces the backbone's preprocessing where the model
+    was trained on other inputs (e.g. [0, 1] pixels without normalisation, as in the paper)."""
+    bad = sorted(set(data_config or {}) - set(DATA_CONFIG_KEYS))
+    if bad:
+        raise ValueError(f"data_config keys must be among {DATA_CONFIG_KEYS}, got {bad}")
     cfg = {
         k: v
         for k, v in model.pretrained_cfg.items()
         if k not in _SOURCE_KEYS and k != "architecture" and (v is not None or k in _KEEP_NULL)
     }
+    cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in (data_config or {}).items()})
     input_size = _input_size(model, cfg, kwargs)
     if tuple(cfg.get("input_size") or ()) != input_size:
         for key in ("test_input_size", "pool_size", "test_pool_size"):
@@ -214,6 +224,7 @@ def export_timm_checkpoint(
     columns: str = "labels",
     overwrite: bool = False,
     verify: bool = True,
+    data_config: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """Write ``model`` as a timm model folder ``path``: ``model.safetensors`` and ``config.json``.
 
@@ -234,6 +245,9 @@ def export_timm_checkpoint(
         overwrite: replace an existing export in ``path``; otherwise an existing ``model.safetensors`` or
             ``config.json`` there is an error.
         verify: rebuild the timm model (on the ``meta`` device) and load the weights strictly before writing.
+        data_config: the preprocessing the model was trained with, when it differs from the backbone's own
+            (``mean``, ``std``, ``crop_pct``, ``interpolation``, ``input_size``): what
+            ``timm.data.resolve_data_config`` will then give users of the export.
 
     Returns the content of ``config.json``.
     """
@@ -272,7 +286,7 @@ def export_timm_checkpoint(
 
     seen = inner.seen_classes
     names = _column_names(class_names, column_labels, set(seen))
-    config = timm_config(inner, architecture, kwargs, num_classes, names)
+    config = timm_config(inner, architecture, kwargs, num_classes, names, data_config)
     config.update(
         {
             "format": EXPORT_FORMAT,

@@ -27,7 +27,16 @@ class ImageLoadError(ValueError):
 
 # ------------------------------------------------------------------------------------------------- atomic writes
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
+    """The process umask, read without changing it where Linux allows (setting it, even for a moment, would race
+    with other threads creating files: TensorBoard writers, DataLoader threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # elsewhere the only portable way to read it is to set it
     os.umask(mask)
     return mask
 

@@ -179,6 +179,7 @@ class InfLoRAStrategy(SupervisedTemplate):
         self._local_targets: Optional[torch.Tensor] = None  # per label: its index in its own task's head
         self._current_targets: Optional[torch.Tensor] = None  # per label: its index among the trained columns
         self._current_columns: Optional[torch.Tensor] = None
+        self._own_loader: Any = None  # the loader built over the experience's own data (see _replaying)
         self._eval_seen = 0  # per-rank samples evaluated in the current experience (distributed gathering)
         self._eval_size = 0
         if evaluator is default_evaluator and not ddp.is_main_process():
@@ -273,12 +274,14 @@ class InfLoRAStrategy(SupervisedTemplate):
     def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
                               persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any) -> None:
         if not ddp.is_distributed():
-            return super().make_train_dataloader(
+            super().make_train_dataloader(
                 num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
                 persistent_workers=persistent_workers, drop_last=drop_last, **kwargs,
             )
-        self.dataloader = ddp.sharded_loader(self.adapted_dataset, self.train_mb_size, self.device, num_workers,
-                                             pin_memory, persistent_workers, drop_last, shuffle=shuffle)
+        else:
+            self.dataloader = ddp.sharded_loader(self.adapted_dataset, self.train_mb_size, self.device, num_workers,
+                                                 pin_memory, persistent_workers, drop_last, shuffle=shuffle)
+        self._own_loader = self.dataloader
 
     def make_eval_dataloader(self, num_workers: int = 0, pin_memory: Optional[bool] = None,
                              persistent_workers: bool = False, **kwargs: Any) -> None:
@@ -364,9 +367,9 @@ class InfLoRAStrategy(SupervisedTemplate):
         return self._mixed_task_loss()
 
     def _replaying(self) -> bool:
-        from avalanche.training.plugins import ReplayPlugin
-
-        return any(isinstance(p, ReplayPlugin) for p in self.plugins)
+        """Whether batches may hold samples of earlier tasks: a plugin (replay, GDumb, ...) swapped in a loader other
+        than the one the strategy built over the experience's own data."""
+        return self.dataloader is not self._own_loader
 
     def _mixed_task_loss(self) -> torch.Tensor:
         """Mean over the batch of each sample's cross-entropy on its own task's columns (the current task's are

@@ -98,8 +98,19 @@ def _task_aware_metrics(strategy: Any) -> list:
     return [m for m in strategy.evaluator.metrics if isinstance(m, TaskAwareAccuracy)]
 
 
+def check_saveable(strategy: Any) -> None:
+    """Refuse plugins whose state this module cannot store: a restored run would silently differ."""
+    for plugin in strategy.plugins:
+        if hasattr(plugin, "storage_policy"):  # ReplayPlugin and the other buffer-based plugins
+            raise ValueError(
+                f"{type(plugin).__name__}'s buffer of past samples cannot be saved with the strategy: a restored run "
+                "would start with an empty buffer. Keep the process running, or save your own copy of the buffer"
+            )
+
+
 def strategy_state(strategy: Any) -> dict:
     """What a resumed run needs from ``strategy`` between two experiences."""
+    check_saveable(strategy)
     return {
         "model": _model_state(strategy.model),
         "plugins": {key: plugin.state_dict() for key, plugin in _own_plugins(strategy).items()},
@@ -109,6 +120,7 @@ def strategy_state(strategy: Any) -> dict:
                        for m in _forgetting_metrics(strategy)],
         "trained_classes": [m.trained_classes for m in _task_aware_metrics(strategy)],
         "task_label_classes": dict(getattr(strategy, "task_label_classes", {})),
+        "trained_classes_of_strategy": sorted(getattr(strategy, "trained_classes", set())),  # L2P's evaluation mask
     }
 
 
@@ -141,6 +153,8 @@ def load_strategy_state(strategy: Any, state: dict) -> None:
         metric.forgetting.last = {int(k): float(v) for k, v in saved["last"].items()}
     for metric, saved in zip(_task_aware_metrics(strategy), state.get("trained_classes", [])):
         metric.trained_classes = [list(c) for c in saved]
+    if isinstance(getattr(strategy, "trained_classes", None), set):
+        strategy.trained_classes = {int(c) for c in state.get("trained_classes_of_strategy", [])}
     if hasattr(strategy, "task_label_classes"):
         strategy.task_label_classes = {int(k): list(v) for k, v in state.get("task_label_classes", {}).items()}
 

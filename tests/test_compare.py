@@ -197,3 +197,21 @@ def test_compare_runs_each_method_in_its_own_process_by_default(tmp_path: Path, 
     here = json.loads((tmp_path / "here" / "comparison.json").read_text())["rows"]
     strip = lambda row: {k: v for k, v in row.items() if k not in MEASURED}  # noqa: E731
     assert [strip(r) for r in here] == [strip(r) for r in rows]
+
+
+def test_compare_fails_when_nothing_ran_and_refuses_leftover_method_runs(tmp_path: Path, capsys) -> None:
+    # every method not applicable: the table says why, and the exit code is not 0
+    code, _, err = _compare(capsys, "--out", str(tmp_path / "none"), "--methods", "inflora_b5", "--no-isolate", *FAST)
+    assert code == 1 and "not every method ran" in err and "inflora_b5 n/a" in err
+    assert (tmp_path / "none" / "comparison.md").is_file()
+    # a crashed comparison left a method's run but no table: refused up front, nothing run or touched
+    crashed = tmp_path / "crashed"
+    (crashed / "linear_probe").mkdir(parents=True)
+    (crashed / "linear_probe" / "config.json").write_text("{}")
+    code, out, err = _compare(capsys, "--out", str(crashed), "--methods", "inflora", "linear_probe", "--no-isolate",
+                              *FAST)
+    assert code == 2 and "already holds runs of linear_probe" in err and "--resume" in err
+    assert sorted(p.name for p in crashed.rglob("*")) == ["config.json", "linear_probe"]
+    # --demo is run's; compare says so
+    code, _, err = _compare(capsys, "--out", str(tmp_path / "demo"), "--demo")
+    assert code == 2 and "--demo is for run" in err and not (tmp_path / "demo").exists()

@@ -348,3 +348,19 @@ def test_dinov2_export_loads_with_timm_alone(tmp_path, shared_weights):
         got = net(x)
     assert torch.equal(got.argmax(1), expected.argmax(1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_the_preprocessing_the_model_was_trained_with_travels_with_the_export(trained, tmp_path):
+    """The paper feeds [0, 1] pixels without normalisation: timm's data config of the export must say so, not give
+    the backbone's own mean/std (with those, the exported model would see other inputs than in training)."""
+    model = trained[0]
+    default = export_timm_checkpoint(model, tmp_path / "default", timm_kwargs=TINY)
+    plain = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "crop_pct": 1.0, "interpolation": "bilinear"}
+    export_timm_checkpoint(model, tmp_path / "plain", timm_kwargs=TINY, data_config=plain)
+    net = timm.create_model(f"local-dir:{tmp_path / 'plain'}", pretrained=True)
+    data = timm.data.resolve_data_config(model=net)
+    assert (list(data["mean"]), list(data["std"]), data["crop_pct"], data["interpolation"]) == (
+        [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 1.0, "bilinear")
+    assert list(default["pretrained_cfg"]["mean"]) != [0.0, 0.0, 0.0]  # the backbone's own, without data_config
+    with pytest.raises(ValueError, match="data_config keys"):
+        export_timm_checkpoint(model, tmp_path / "bad", timm_kwargs=TINY, data_config={"normalize": False})

@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
@@ -302,7 +303,8 @@ def _final_model(out: Path) -> dict:
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731 (extra state)
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("method", ["ewc", "lwf"])
@@ -326,3 +328,37 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
     monkeypatch.setattr(S, "_load_avalanche_plugin_states", lambda strategy, state: None)
     _run(_config(method, tmp_path / "cut_without_plugin_state", resume=True))
     assert not _same_tensors(_final_model(tmp_path / "cut_without_plugin_state"), _final_model(tmp_path / "full"))
+
+
+@pytest.mark.parametrize("method", ["seq_lora", "l2p"])
+def test_resume_is_exact_for_methods_with_their_own_state(method: str, tmp_path: Path) -> None:
+    """Sequential LoRA's random generator (each task draws a new subspace) and L2P's mask of trained classes are
+    part of the checkpoint: a run stopped after experience 1 and resumed ends exactly as one that never stopped."""
+    full = _run(_config(method, tmp_path / "full", n_experiences=3, classes=6))
+    with pytest.raises(Stop):
+        _run(_config(method, tmp_path / "cut", n_experiences=3, classes=6), on_experience_end=_stop_after(1))
+    resumed = _run(_config(method, tmp_path / "cut", n_experiences=3, classes=6, resume=True))
+    assert _without_timings(resumed) == _without_timings(full)
+    assert _same_tensors(_final_model(tmp_path / "cut"), _final_model(tmp_path / "full"))
+
+
+def test_l2p_never_predicts_a_class_no_experience_has_trained() -> None:
+    """L2P's head covers every class of the stream from the start; at evaluation the untrained columns are masked
+    out, as the other methods' heads do, so right after training an experience only its classes are predicted."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bench = class_incremental_benchmark(
+        {"train": SyntheticImages(range(4), per_class=8, seed=0), "test": SyntheticImages(range(4), 4, seed=1)},
+        class_order=[0, 1, 2, 3], num_experiences=2)
+    predictions = []
+
+    class Record(SupervisedPlugin):
+        def after_eval_forward(self, strategy, **kwargs):
+            predictions.extend(strategy.mb_output.argmax(dim=1).tolist())
+
+    strategy = L2PCompat(backbone=_tiny_vit(), num_classes=4, lr=1e-2, train_mb_size=8, plugins=[Record()],
+                         evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]))
+    strategy.train(bench.train_stream[0], num_workers=0)
+    strategy.eval(bench.test_stream, num_workers=0)
+    assert strategy.trained_classes == {0, 1}
+    assert predictions and set(predictions) <= {0, 1}

@@ -109,6 +109,8 @@ def test_sigkill_during_the_second_experience_then_resume_gives_the_same_metrics
         proc.wait(timeout=60)
         stderr.close()
     assert seen.get("killed") and proc.returncode == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-2000:]
+    lock = out / ".inflora-run.lock"
+    assert json.loads(lock.read_text())["pid"] == proc.pid  # the killed run could not release its lock
     state = load_checkpoint(checkpoint)
     assert state["experiences_done"] == 1 and state["seed"] == 0
     assert not (out / "results.json").exists()
@@ -117,7 +119,8 @@ def test_sigkill_during_the_second_experience_then_resume_gives_the_same_metrics
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming after experience 1/5" in resumed.stdout
+    assert f"a stale lock of a run that ended without releasing it (pid {proc.pid}) was taken over" in resumed.stdout
+    assert "resuming after experience 1/5" in resumed.stdout and not lock.exists()
     expected = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())
     got = json.loads((out / "results.json").read_text())
     assert _metrics(got) == _metrics(expected)  # to the last digit, Avalanche's forgetting metric included
@@ -278,8 +281,19 @@ def _bad_cases(tmp_path: Path) -> dict:
                                    depth=2, embed_dim=32, num_heads=2)
     weights = tmp_path / "vit32.safetensors"
     save_file({k: v.contiguous() for k, v in other_arch.state_dict().items()}, str(weights))
+    one_class = _image_folder(tmp_path / "one_class", 1)
+    train_only = _image_folder(tmp_path / "train_only" / "train", 2).parent
+    val_only = _image_folder(tmp_path / "val_only" / "val", 2).parent
+    broken = _image_folder(tmp_path / "broken", 2)
+    (broken / "c0" / "1.png").write_bytes(b"")
+    (broken / "c1" / "2.png").write_bytes(b"not an image")
+    manifest = tmp_path / "split.json"
+    manifest.write_text("{}")
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"benchmark": "digits", "epochs": "3"}))
     demo = ["--demo", "--no-progress"]
     out = str(tmp_path / "out")
+    folder = ["--preset", tiny, "--out", out]
     return {
         "unknown preset": (["--preset", "nope"], "split_cifar100", "unknown preset 'nope'; choose one of"),
         "missing data folder": (["--preset", tiny, "--data-root", str(tmp_path / "nowhere"), "--out", out], "imagenet_r",
@@ -306,6 +320,55 @@ def _bad_cases(tmp_path: Path) -> dict:
                                             "does not fit timm model"),
         "global batch not divisible by processes": (demo + ["--batch-size", "63"], "split_cifar100",
                                                     "must divide by the 2 processes"),
+        # second round (issue 14)
+        "seed below 0": (demo + ["--seeds", "-1"], "split_cifar100", "seeds must be in 0 .. 2**32-1, got [-1]"),
+        "seed above 2**32-1": (demo + ["--seeds", "0", str(2**32)], "split_cifar100", "seeds must be in 0 .. 2**32-1"),
+        "device mps absent": (demo + ["--device", "mps"], "split_cifar100", "device mps requested"),
+        "device cuda:5 absent": (demo + ["--device", "cuda:5"], "split_cifar100", "device cuda:5"),
+        "unknown device": (demo + ["--device", "tpu"], "split_cifar100", "device must be auto, cpu, cuda, cuda:N or mps"),
+        "resolution against the preset's img_size": (demo + ["--resolution", "100"], "split_cifar100",
+                                                     "--resolution 100 conflicts with backbone_kwargs img_size 16"),
+        "text for an integer": (demo + ["--set", 'epochs="3"'], "split_cifar100",
+                                "epochs (the command line) must be an integer, got '3'"),
+        "text for an integer in a preset": (["--preset", str(typed), "--no-progress"], "split_cifar100",
+                                            "epochs (preset typed.json) must be an integer, got '3'"),
+        "zero epochs": (demo + ["--epochs", "0"], "split_cifar100", "epochs (the command line) must be >= 1, got 0"),
+        "NaN learning rate": (demo + ["--lr", "nan"], "split_cifar100",
+                              "lr (the command line) must be a finite number, got nan"),
+        "infinite learning rate": (demo + ["--set", "lr=Infinity"], "split_cifar100", "must be a finite number, got inf"),
+        "NaN weight decay": (demo + ["--set", "weight_decay=NaN"], "split_cifar100",
+                             "weight_decay (the command line) must be a finite number, got nan"),
+        "zero batch size": (demo + ["--batch-size", "0"], "split_cifar100",
+                            "batch_size (the command line) must be >= 1, got 0"),
+        "--split-manifest with --classes": (folder + ["--data-root", str(five), "--split-manifest", str(manifest),
+                                                      "--classes", "2"], "imagenet_r",
+                                            "--split-manifest and --classes were both given"),
+        "--split-manifest with --split-seed": (folder + ["--data-root", str(five), "--split-manifest", str(manifest),
+                                                         "--split-seed", "3"], "imagenet_r",
+                                               "--split-manifest and --split-seed were both given"),
+        "--weights with --pretrained": (demo + ["--weights", str(weights), "--pretrained"], "split_cifar100",
+                                        "--weights and --pretrained were both given"),
+        "--milestones without the step schedule": (demo + ["--milestones", "3"], "split_cifar100",
+                                                   "--milestones apply to --lr-schedule step, not cosine"),
+        "--momentum with adam": (demo + ["--momentum", "0.5"], "split_cifar100",
+                                 "--momentum applies to --optimizer sgd, not adam"),
+        "--betas with sgd": (demo + ["--optimizer", "sgd", "--betas", "0.9", "0.99"], "split_cifar100",
+                             "--betas apply to --optimizer adam, not sgd"),
+        "InfLoRA-only flag with a baseline": (demo + ["--method", "naive", "--rank", "4"], "split_cifar100",
+                                              "--rank only applies to the InfLoRA methods, not naive"),
+        "--demo with --preset": (demo + ["--preset", "cifar100_inflora"], "split_cifar100", "drop --preset"),
+        "--demo with --data-root": (demo + ["--data-root", str(five)], "split_cifar100", "drop --data-root"),
+        "--demo with --benchmark": (demo + ["--benchmark", "folder"], "split_cifar100", "drop --benchmark"),
+        "one class, two experiences": (folder + ["--data-root", str(one_class)], "imagenet_r",
+                                       "has 1 class; class-incremental learning needs at least two"),
+        "one class, one experience": (folder + ["--data-root", str(one_class), "--n-experiences", "1"], "imagenet_r",
+                                      "has 1 class; class-incremental learning needs at least two"),
+        "train/ without val/": (folder + ["--data-root", str(train_only)], "imagenet_r", "has train/ but not val/"),
+        "val/ without train/": (folder + ["--data-root", str(val_only)], "imagenet_r", "has val/ but not train/"),
+        "unreadable image headers": (folder + ["--data-root", str(broken)], "imagenet_r",
+                                     ("2 of the stream's 6 image files cannot be read", str(broken / "c0" / "1.png"),
+                                      str(broken / "c1" / "2.png"))),
+        "weights path is a folder": (demo + ["--weights", str(tmp_path)], "split_cifar100", "is a folder; give the file"),
     }
 
 
@@ -313,7 +376,16 @@ BAD_INPUTS = ["unknown preset", "missing data folder", "empty data folder", "cla
               "classes do not divide (fixed)", "rank >= width", "lamb out of range", "lame below lamb",
               "unwritable output folder", "output path under a file", "existing output folder",
               "--resume with --overwrite", "--resume without --out", "--resume on results without checkpoint",
-              "weights of another architecture", "global batch not divisible by processes"]
+              "weights of another architecture", "global batch not divisible by processes",
+              # second round (issue 14)
+              "seed below 0", "seed above 2**32-1", "device mps absent", "device cuda:5 absent", "unknown device",
+              "resolution against the preset's img_size", "text for an integer", "text for an integer in a preset",
+              "zero epochs", "NaN learning rate", "infinite learning rate", "NaN weight decay", "zero batch size",
+              "--split-manifest with --classes", "--split-manifest with --split-seed", "--weights with --pretrained",
+              "--milestones without the step schedule", "--momentum with adam", "--betas with sgd",
+              "InfLoRA-only flag with a baseline", "--demo with --preset", "--demo with --data-root",
+              "--demo with --benchmark", "one class, two experiences", "one class, one experience",
+              "train/ without val/", "val/ without train/", "unreadable image headers", "weights path is a folder"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -321,12 +393,14 @@ def test_bad_input_is_one_line_exit_2_before_training(case, tmp_path, capsys, mo
     argv, benchmark, needle = _bad_cases(tmp_path)[case]
     if case.startswith("global batch"):
         monkeypatch.setenv("WORLD_SIZE", "2")
+    if case == "device mps absent" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # a run without --out would write results/... here
     before = sorted(p.name for p in tmp_path.rglob("*"))
     started = time.perf_counter()
     code, err = _main(capsys, *argv, benchmark=benchmark)
-    _one_line_error(code, err, needle)
+    _one_line_error(code, err, *([needle] if isinstance(needle, str) else needle))
     assert time.perf_counter() - started < 60  # no training happened
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, nothing removed
     if case == "existing output folder":
@@ -360,3 +434,442 @@ def test_non_finite_loss_stops_with_experience_and_iteration_and_keeps_the_check
     state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["experiences_done"] == 1
     assert not (out / "results.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------- weights files
+DEMO_BACKBONE = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 64, "num_heads": 2}  # the demo preset's
+
+
+def _demo_backbone(**overrides):
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **{**DEMO_BACKBONE, **overrides})
+
+
+def _augreg_npz(model, path: Path) -> None:
+    """A timm ViT's weights in the layout of Google's AugReg ``.npz`` files (JAX names and shapes), which timm's
+    ``VisionTransformer.load_pretrained`` reads."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    d = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    arrays = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+              "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+              "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+              "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"]}
+    for i in range(len(model.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = p + "MultiHeadDotProductAttention_1/"
+        for j, name in enumerate(("query", "key", "value")):
+            arrays[mha + name + "/kernel"] = sd[b + "attn.qkv.weight"][j * d:(j + 1) * d].T.reshape(d, heads, -1)
+            arrays[mha + name + "/bias"] = sd[b + "attn.qkv.bias"][j * d:(j + 1) * d].reshape(heads, -1)
+        arrays[mha + "out/kernel"] = sd[b + "attn.proj.weight"].reshape(d, heads, -1).transpose(1, 2, 0)
+        arrays[mha + "out/bias"] = sd[b + "attn.proj.bias"]
+        for norm, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            arrays[p + norm + "/scale"], arrays[p + norm + "/bias"] = sd[b + name + ".weight"], sd[b + name + ".bias"]
+        for r in range(2):
+            arrays[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            arrays[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **arrays)
+
+
+def _bad_weights(folder: Path, case: str) -> tuple[Path, str]:
+    """A weights file that cannot be used, and what the message must say about it."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    if case == "empty file":
+        path = folder / "empty.safetensors"
+        path.write_bytes(b"")
+        return path, "is empty (0 bytes)"
+    if case == "truncated safetensors":
+        whole = folder / "whole.safetensors"
+        save_file(_demo_backbone().state_dict(), str(whole))
+        path = folder / "truncated.safetensors"
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        whole.unlink()
+        return path, "is a damaged or truncated safetensors file"
+    if case == "text file":
+        path = folder / "vit.pth"
+        path.write_text("<html>404 Not Found</html>\n")
+        return path, "is a text file (it starts with '<html>404 Not Found</html>'), not a checkpoint"
+    if case == "random bytes .pth":
+        path = folder / "random.pth"
+        path.write_bytes(b"\x00" + random.Random(0).randbytes(4095))
+        return path, "is not a checkpoint: its 4096 bytes are neither safetensors"
+    if case == "npz that is not a checkpoint":
+        path = folder / "arrays.npz"
+        np.savez(path, mean=np.zeros(3), std=np.ones(3))
+        return path, "is a NumPy .npz of arrays ['mean', 'std'], neither a big_vision / AugReg ViT checkpoint nor"
+    if case == "safetensors of another architecture":
+        path = folder / "vit32.safetensors"
+        save_file(_demo_backbone(embed_dim=32).state_dict(), str(path))
+        return path, "does not fit timm model 'vit_tiny_patch16_224' (size mismatch for cls_token"
+    if case == "state dict of another network":
+        path = folder / "resnet.safetensors"
+        save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.bias": torch.zeros(10)}, str(path))
+        return path, "none of its tensor names is a parameter of the model, e.g. ['conv1.weight', 'fc.bias']"
+    if case == "checkpoint without tensors":
+        path = folder / "training.pth"
+        torch.save({"epoch": 3, "net": _demo_backbone().state_dict()}, path)
+        return path, "is a PyTorch checkpoint without tensors (its entries: ['epoch', 'net'])"
+    if case == "TorchScript archive":
+        import warnings
+
+        path = folder / "scripted.pt"
+        with warnings.catch_warnings():  # TorchScript is deprecated: users still have such files
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+        return path, "is a TorchScript archive (torch.jit.save); save the model's state_dict() instead"
+    if case == "pickled whole model":
+        path = folder / "model.pth"
+        torch.save(_demo_backbone(), path)
+        return path, "holds pickled Python objects besides tensors"
+    if case == "a folder":
+        (folder / "weights").mkdir()
+        (folder / "weights" / "model.safetensors").write_bytes(b"")
+        return folder / "weights", "is a folder"
+    raise KeyError(case)
+
+
+BAD_WEIGHTS = ["empty file", "truncated safetensors", "text file", "random bytes .pth", "npz that is not a checkpoint",
+               "safetensors of another architecture", "state dict of another network", "checkpoint without tensors",
+               "pickled whole model", "TorchScript archive", "a folder"]
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS)
+def test_a_bad_weights_file_is_named_in_one_line_by_the_runner_and_the_library(case, tmp_path, capsys, monkeypatch):
+    """``--weights BAD``: exit code 2, one line naming the file and what it is, nothing created; in Python,
+    ``create_backbone(..., checkpoint_path=BAD)`` raises a ValueError with the same text."""
+    from inflora_avalanche.model import create_backbone
+
+    path, what = _bad_weights(tmp_path / "files", case)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, err = _main(capsys, "--demo", "--no-progress", "--weights", str(path), "--out", str(tmp_path / "out"))
+    _one_line_error(code, err, str(path), what)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    with pytest.raises(ValueError) as info:
+        create_backbone("vit_tiny_patch16_224", checkpoint_path=path, **DEMO_BACKBONE)
+    assert str(path) in str(info.value) and what.split(";")[0] in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weights_files_are_recognised_by_their_content(tmp_path):
+    """safetensors under another suffix, zip and legacy PyTorch files, an .npz with timm key names and an AugReg
+    (big_vision) .npz all give the same weights."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from inflora_avalanche.model import create_backbone
+
+    reference = _demo_backbone()
+    state = reference.state_dict()
+    save_file(state, str(tmp_path / "weights.bin"))
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "training.pth")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    np.savez(tmp_path / "timm_names.npz", **{k: v.numpy() for k, v in state.items()})
+    _augreg_npz(reference, tmp_path / "augreg.npz")
+    for name in ("weights.bin", "training.pth", "legacy.pt", "timm_names.npz", "augreg.npz"):
+        loaded = create_backbone("vit_tiny_patch16_224", checkpoint_path=tmp_path / name, **DEMO_BACKBONE).state_dict()
+        for key, value in state.items():
+            assert torch.allclose(loaded[key], value, atol=1e-6), (name, key)
+    with pytest.raises(ValueError, match=r"augreg\.npz does not fit timm model .*missing Transformer/encoderblock_2"):
+        create_backbone("vit_tiny_patch16_224", checkpoint_path=tmp_path / "augreg.npz", **{**DEMO_BACKBONE, "depth": 3})
+
+
+# --------------------------------------------------------------------------------------------------- output lock
+def test_a_live_run_holding_the_output_folder_refuses_a_second_one(tmp_path, capsys):
+    from inflora_avalanche.run.output import LOCK_NAME, OutputLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = OutputLock(out).acquire()  # this process stands for a run that is writing into the folder
+    try:
+        code, err = _main(capsys, "--demo", "--no-progress", "--out", str(out))
+        _one_line_error(code, err, f"another run (pid {os.getpid()} on", f"is writing into {out}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        lock.release()
+    assert not any(out.iterdir())
+
+
+def _take_lock(folder: str, start: float, results) -> None:
+    from inflora_avalanche.run.output import OutputLock
+
+    lock = OutputLock(Path(folder))
+    while time.time() < start:
+        pass
+    try:
+        lock.acquire()
+        results.put("taken")
+        time.sleep(0.3)  # hold it while the others try
+    except C.ConfigError:
+        results.put("refused")
+
+
+def test_of_several_runs_finding_a_stale_lock_exactly_one_takes_it_over(tmp_path):
+    """A lock file left by a killed run, found by four runs at the same moment: one takes it over, three are refused
+    (the lock used to be deleted and re-created, and two or more runs then each believed they held it)."""
+    import multiprocessing
+    import socket
+
+    from inflora_avalanche.run.output import LOCK_NAME
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(3):
+        folder = tmp_path / f"run{trial}"
+        folder.mkdir()
+        (folder / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
+                                                    "started": "2026-01-01T00:00:00"}))
+        results = context.Queue()
+        start = time.time() + 0.3
+        workers = [context.Process(target=_take_lock, args=(str(folder), start, results)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=30)
+        outcomes = sorted(results.get(timeout=5) for _ in workers)
+        assert outcomes == ["refused", "refused", "refused", "taken"], (trial, outcomes)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_stale_lock_is_taken_over_and_the_run_finishes(tmp_path, capsys):
+    import socket
+
+    from inflora_avalanche.run.output import LOCK_NAME
+
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = _dead_pid()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "yesterday"}))
+    threads = torch.get_num_threads()
+    try:
+        code = cli.run_main(["--demo", "--no-progress", "--set", "epochs=1", "--n-experiences", "2", "--out",
+                             str(out)], "split_cifar100")
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"a stale lock of a run that ended without releasing it (pid {pid}) was taken over" in captured.out
+    assert json.loads((out / "results.json").read_text())["seeds"][0]["experiences_done"] == 2
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_two_runs_started_at_once_on_the_same_out(tmp_path):
+    """Two runs on one --out, released at the same moment once both have imported everything: exactly one writes
+    the folder, the other is refused in one line (exit code 2), and the first one's results are whole."""
+    from inflora_avalanche.run.output import LOCK_NAME
+
+    out = tmp_path / "run"
+    starter = ("import os, sys, time\n"
+               "from inflora_avalanche.run import cli, loop\n"
+               "open(sys.argv[1], 'w').close()\n"
+               "while not os.path.exists(sys.argv[2]):\n"
+               "    time.sleep(0.002)\n"
+               "sys.exit(cli.main(sys.argv[3:]))\n")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / f"ready{i}"), str(go), "run", "--demo",
+                               "--no-progress", "--set", "epochs=1", "--n-experiences", "2", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for i in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert sorted(proc.returncode for proc in procs) == [0, 2], errors
+    refused = next(e for proc, e in zip(procs, errors) if proc.returncode == 2).strip()
+    _one_line_error(2, refused, "another run (pid", f"is writing into {out}")
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"][0]["experiences_done"] == 2 and len(results["seeds"][0]["A_t"]) == 2
+    assert not (out / LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_during_start_up_is_one_line_exit_130_and_leaves_no_folder(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inflora_avalanche", "run", "--demo", "--no-progress", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.startswith("interrupted before") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class Interrupt(SupervisedPlugin):
+    """Ctrl-C (or another exception) during one training iteration of one experience (1-based)."""
+
+    def __init__(self, experience: int, error: BaseException = KeyboardInterrupt()) -> None:
+        super().__init__()
+        self.experience, self.error = experience, error
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if strategy.experience.current_experience + 1 == self.experience:
+            raise self.error
+
+
+def _interrupted_run(capsys, monkeypatch, experience: int, *argv: str, error: BaseException = KeyboardInterrupt()):
+    monkeypatch.setattr(loop, "run_experiment", functools.partial(
+        loop.run_experiment, extra_plugins=lambda seed: [Interrupt(experience, error)]))
+    threads = torch.get_num_threads()
+    try:
+        code = cli.run_main(list(argv), "split_cifar100")
+    finally:
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_checkpoint_takes_back_what_the_run_wrote(tmp_path, capsys, monkeypatch):
+    """Nothing can be resumed yet, so the folders the run made (--out and its missing parents) are removed and a
+    folder that existed is left as it was: the same command then runs again as it is."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "parents" / "run"
+    code, err = _interrupted_run(capsys, monkeypatch, 1, *DEMO_ARGS, "--out", str(out))
+    assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"interrupted before the first experience finished: nothing to resume, so {out} was "
+                          "removed again"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    code, err = _interrupted_run(capsys, monkeypatch, 1, *DEMO_ARGS, "--out", str(kept), "--overwrite")
+    assert code == 130 and f"what it had added to {kept} was removed" in err, err
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_a_user_error_met_during_the_first_experience_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """E.g. an image whose header reads but whose pixels do not decode: exit code 2, and as for Ctrl-C nothing is
+    left, so the same command runs again once the file is replaced."""
+    from inflora_avalanche.streams import ImageLoadError
+
+    out = tmp_path / "run"
+    code, err = _interrupted_run(capsys, monkeypatch, 1, *DEMO_ARGS, "--out", str(out),
+                                 error=ImageLoadError("cannot read image x.jpg (OSError: image file is truncated)"))
+    _one_line_error(code, err.strip(), "cannot read image x.jpg")
+    assert not out.exists()
+
+
+def test_ctrl_c_after_a_checkpoint_keeps_it_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, err = _interrupted_run(capsys, monkeypatch, 2, *DEMO_ARGS, "--out", str(out))
+    assert code == 130 and err.count("\n") == 1, err
+    assert "pass --resume with the same --out to continue" in err and str(out / CHECKPOINT_NAME) in err
+    assert load_checkpoint(out / CHECKPOINT_NAME)["experiences_done"] == 1
+    assert not (out / ".inflora-run.lock").exists()
+
+
+def _interrupt_arrives(action) -> bool:
+    """Whether a Ctrl-C made by ``action()`` reaches the code after it, under the runner's interrupt handling."""
+    try:
+        with cli.interrupts_not_lost():
+            try:
+                action()
+                deadline = time.time() + 5
+                while time.time() < deadline:
+                    time.sleep(0.01)
+            except KeyboardInterrupt:
+                return True
+    finally:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    return False
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "KeyboardInterrupt raised"])
+def test_a_ctrl_c_in_a_gc_callback_is_not_lost(how):
+    """Python drops an exception raised in a garbage-collector callback (JAX, imported with Avalanche, runs one after
+    every collection): a Ctrl-C landing there was lost and the run went on."""
+    import gc
+
+    state = {"armed": True}
+
+    def callback(phase, info):
+        if phase == "stop" and state["armed"]:
+            state["armed"] = False
+            if how == "SIGINT":
+                signal.raise_signal(signal.SIGINT)  # Python runs the handler while the callback runs
+                sum(range(1000))
+            else:
+                raise KeyboardInterrupt  # what Python's own handler does there
+
+    gc.callbacks.append(callback)
+    try:
+        assert _interrupt_arrives(gc.collect)
+    finally:
+        gc.callbacks.remove(callback)
+    assert not state["armed"]
+
+
+def test_a_ctrl_c_during_an_import_is_not_swallowed(tmp_path, monkeypatch):
+    """A library that guards an optional import with a bare except swallowed a Ctrl-C that landed in that import
+    (under load, start-up then ended in odd numpy errors or simply went on); it is now delivered after the import."""
+    (tmp_path / "ctrl_c_inner.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nsum(range(1000))\n"
+                                              "COMPLETE = True\n")
+    (tmp_path / "ctrl_c_outer.py").write_text("try:\n    import ctrl_c_inner\nexcept BaseException:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert _interrupt_arrives(lambda: __import__("ctrl_c_outer"))
+        assert sys.modules["ctrl_c_inner"].COMPLETE  # the import itself ran to its end
+    finally:
+        for name in ("ctrl_c_outer", "ctrl_c_inner"):
+            sys.modules.pop(name, None)
+
+
+# --------------------------------------------------------------------------------------------------- nothing left
+def test_a_failed_stream_check_leaves_no_folder_no_manifest_and_no_export(tmp_path, capsys, monkeypatch):
+    """An unreadable image is found after the output folder was made and the split manifest written: both go again,
+    also the folder's missing parents; an existing empty --out stays empty; no --export folder appears."""
+    monkeypatch.chdir(tmp_path)
+    data = _image_folder(tmp_path / "data", 2)
+    (data / "c1" / "0.png").write_bytes(b"GIF89a broken")
+    tiny = str(_tiny_folder_preset(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out in (tmp_path / "a" / "b" / "run", empty):
+        code, err = _main(capsys, "--preset", tiny, "--data-root", str(data), "--out", str(out),
+                          "--export", str(tmp_path / "exports" / "x"), benchmark="imagenet_r")
+        _one_line_error(code, err, "1 of the stream's 6 image files cannot be read", str(data / "c1" / "0.png"))
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+# --------------------------------------------------------------------------------------------------- one class
+class LossRecorder(SupervisedPlugin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: dict[int, list[float]] = {}
+
+    def after_backward(self, strategy, **kwargs):
+        self.losses.setdefault(strategy.experience.current_experience, []).append(float(strategy.loss.detach()))
+
+
+def test_one_class_per_experience_is_learned_against_the_seen_classes(tmp_path):
+    """Digits in 10 experiences of one class: alone a class's cross-entropy would be 0 and nothing would learn; it is
+    trained against every seen class, so from the second experience on the loss is positive and the new class is
+    predicted."""
+    recorder = LossRecorder()
+    config = P.layered_config(P.DEMO_PRESET, None, {"out": str(tmp_path / "run"), "n_experiences": 10, "epochs": 3,
+                                                    "progress": False, "diagnostics": False})
+    threads = torch.get_num_threads()
+    try:
+        results = loop.run_experiment(config, extra_plugins=lambda seed: [recorder], log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(recorder.losses) == list(range(10))
+    assert all(loss > 0 for t in range(1, 10) for loss in recorder.losses[t])  # the first class has nothing to beat
+    matrix = results["seeds"][0]["accuracy_matrix"]
+    new_class = [matrix[t][t] for t in range(1, 10)]  # accuracy on the class just learned, among all seen ones
+    assert all(acc > 0 for acc in new_class) and sum(new_class) / len(new_class) > 50, new_class

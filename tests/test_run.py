@@ -274,6 +274,9 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
     assert all((p / "model.safetensors").is_file() for p in exported)
     meta = json.loads((exported[-1] / "config.json").read_text())
     assert meta["num_classes"] == 10 and sorted(meta["class_order"]) == list(range(10))
+    # the demo trains on [0, 1] pixels without normalisation: that is the export's data config too
+    assert (meta["pretrained_cfg"]["mean"], meta["pretrained_cfg"]["std"]) == ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    assert meta["pretrained_cfg"]["input_size"] == [3, 16, 16]
 
 
 def test_worker_errors_are_shortened_to_the_original_message(tmp_path):
@@ -352,3 +355,17 @@ def test_export_folder_is_checked_before_any_compute(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     code, err, _ = _main(capsys, "--demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "file"))
     assert code == 2 and "is a file" in err
+
+
+def test_settings_a_method_does_not_use_are_refused_not_ignored():
+    for argv, needle in (
+        (["--method", "naive", "--optimizer", "sgd"], "naive trains with Adam at a constant rate"),
+        (["--method", "naive", "--weight-decay", "0.1"], "--weight-decay only applies"),
+        (["--method", "ewc", "--rank", "4"], "--rank only applies"),
+        (["--method", "inflora", "--ewc-lambda", "3"], "--ewc-lambda do not apply to inflora"),
+    ):
+        with pytest.raises(C.ConfigError, match=needle):
+            cli.config_from_argv(["--demo", *argv])
+    # the same flags through a method that uses them are fine
+    assert cli.config_from_argv(["--demo", "--method", "ewc", "--ewc-lambda", "3"])["ewc_lambda"] == 3.0
+    assert "diagnostics" in C.RESUME_IDENTITY_KEYS  # its plugin's state is part of the checkpoint

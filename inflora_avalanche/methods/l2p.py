@@ -229,6 +229,7 @@ class L2PCompat(LearningToPrompt):
         self.use_mask = use_mask
         self.use_vit = True
         self.original_vit = _QueryFunction(model)
+        self.trained_classes: set[int] = set()  # labels of the experiences trained so far (masked in at evaluation)
 
     def _before_training_exp(self, **kwargs: Any) -> None:
         # L2P restarts Adam at every experience; only the trainable tensors go in (the backbone never updates).
@@ -249,7 +250,18 @@ class L2PCompat(LearningToPrompt):
             keep[current] = True
             not_mask = torch.nonzero(~keep).flatten().to(logits.device)
             logits = logits.index_fill(dim=1, index=not_mask, value=float("-inf"))
+        elif not self.is_training:
+            # classes no experience has trained yet keep their random initial logits: they must not be predicted
+            # (the other methods' heads mask them too)
+            seen = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            if self.trained_classes:
+                seen[torch.tensor(sorted(self.trained_classes), device=logits.device)] = True
+            logits = logits.masked_fill(~seen, -1.0e4)
         return logits
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        self.trained_classes |= {int(c) for c in self.experience.classes_in_this_experience}
+        super()._after_training_exp(**kwargs)
 
 
 def l2p_strategy(config: dict, backbone: nn.Module, info: Any, evaluator: Any, plugins: list, device: str,

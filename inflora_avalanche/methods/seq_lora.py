@@ -50,3 +50,13 @@ class RandomSubspacePlugin(SubspaceUpdatePlugin):
         model = unwrap_model(strategy.model)
         if model.task_open:
             model.finish_task()  # merge the branch, freeze the head; no memory update
+
+    def state_dict(self) -> dict:
+        """The base plugin's state and the random generator's, so that a resumed run draws the next task's
+        subspace, not the first one's again."""
+        return {**super().state_dict(), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict({k: v for k, v in state.items() if k != "generator"})
+        if "generator" in state:
+            self._generator.set_state(state["generator"])

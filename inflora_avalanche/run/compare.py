@@ -154,6 +154,8 @@ def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
         raise C.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(P.list_method_presets())}")
     if len(set(args.methods)) != len(args.methods):
         raise C.ConfigError(f"--methods names a method twice: {args.methods}")
+    if "demo" in overrides:
+        raise C.ConfigError("compare runs a preset's stream (default synthetic_smoke, offline); --demo is for run")
     out = Path(overrides["out"]).expanduser()
     configs = {}
     for method in args.methods:
@@ -207,6 +209,11 @@ def compare_main(argv: Sequence[str]) -> int:
         if (out / name).exists() and not (first["overwrite"] or first["resume"]):
             fail(f"{out} already holds a comparison ({name}); choose another --out, pass --resume to finish it or "
                  "--overwrite to run it anew")
+    if not (first["overwrite"] or first["resume"]):
+        taken = [m for m, c in configs.items() if Path(c["out"]).is_dir() and any(Path(c["out"]).iterdir())]
+        if taken:
+            fail(f"{out} already holds runs of {', '.join(taken)}; choose another --out, pass --resume to finish "
+                 "them or --overwrite to run them anew")
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for method, config in configs.items():
@@ -221,7 +228,13 @@ def compare_main(argv: Sequence[str]) -> int:
         runs.append({"method": method, "label": label, "status": status, "reason": reason or None,
                      "results": results})
     rows = aggregate_rows(runs)
-    write_comparison(out, rows, runs, first, argv)
+    write_comparison(out, rows, runs, first, argv, isolated=args.isolate)
+    # not applicable (e.g. b5 on a shallow backbone) is a result of the table; a crash or nothing run is a failure
+    failed = [r["method"] for r in runs if r["status"] == "error"]
+    if failed or not any(r["status"] == "ok" for r in runs):
+        problems = "; ".join(f"{r['method']} {r['status']}: {r['reason']}" for r in runs if r["status"] != "ok")
+        sys.stderr.write(f"error: not every method ran ({problems}); the table says which\n")
+        return 1
     return 0
 
 
@@ -238,7 +251,8 @@ def machine_description(config: dict) -> str:
             f"thread(s) per run, torch {torch.__version__}")
 
 
-def write_comparison(out: Path, rows: list, runs: list, config: dict, argv: Sequence[str]) -> None:
+def write_comparison(out: Path, rows: list, runs: list, config: dict, argv: Sequence[str], isolated: bool = True
+                     ) -> None:
     from .output import write_json
 
     command = f"{PROG} compare " + " ".join(shlex.quote(a) for a in argv)
@@ -256,8 +270,11 @@ def write_comparison(out: Path, rows: list, runs: list, config: dict, argv: Sequ
         f"# Method comparison\n\nCommand: `{command}`\n\nMachine: {machine_description(config)}\n\nStream: {stream}; "
         f"{config['epochs']} epoch(s), batch {config['batch_size']}, learning rates x{config['lr_scale']:g}, "
         f"precision {config['precision']}; seeds {', '.join(map(str, config['seeds']))}. Mean ± sample std over "
-        f"seeds. Peak memory: {memory_kind}. Trainable params: tensors updated in one experience. Each method's "
-        f"own results are in its folder.\n\n{table}")
+        f"seeds. Peak memory: {memory_kind}"
+        + ("" if isolated else " (--no-isolate: all methods in one process, so a method's peak is hidden by the "
+                                "memory its predecessors left; compare peaks only from isolated runs)")
+        + f". Trainable params: tensors updated in one experience. Each method's own results are in its "
+        f"folder.\n\n{table}")
     plot_curves(rows, out / "curves.png", title=stream)
     print(table)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'curves.png'}")

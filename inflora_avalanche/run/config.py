@@ -7,6 +7,7 @@ identity are all derived from :data:`FIELDS`; :mod:`.presets` layers presets ove
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,7 @@ FIELDS: tuple[Field, ...] = (
        "DIR/seed<N>/after_exp<t>/ (model.safetensors + config.json; InfLoRA methods)", nullable=True, resume="free"),
     _F("progress", "bool", None, "progress bars (default: only when the output is a terminal)", nullable=True,
        resume="free"),
-    _F("diagnostics", "bool", True, "subspace diagnostics per layer and task (InfLoRA methods)"),
+    _F("diagnostics", "bool", True, "subspace diagnostics per layer and task (InfLoRA methods)", resume="identity"),
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS}
@@ -201,7 +202,7 @@ _KIND_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_value(field: Field, value: Any, where: str) -> None:
-    """Type, choices and lower bound of one value; raises :class:`ConfigError` naming the flag."""
+    """Type, choices, finiteness and lower bound of one value; raises :class:`ConfigError` naming the flag."""
     if value is None:
         if not field.nullable:
             raise ConfigError(f"{field.name} ({where}) must be set, got null")
@@ -213,6 +214,11 @@ def check_value(field: Field, value: Any, where: str) -> None:
         raise ConfigError(f"{field.name} ({where}) must be {what}, got {value!r}; set it with {field.flag}")
     if field.choices and value not in field.choices:
         raise ConfigError(f"{field.name} ({where}) must be one of {', '.join(field.choices)}, got {value!r}")
+    if field.kind in ("float", "floats"):
+        numbers = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(x) for x in numbers):
+            raise ConfigError(f"{field.name} ({where}) must be a finite number, got {value!r}; set it with "
+                              f"{field.flag}")
     if field.minimum is not None:
         numbers = value if isinstance(value, list) else [value]
         low = [x for x in numbers if _is_number(x) and x < field.minimum]
@@ -279,7 +285,10 @@ def validate_config(config: dict) -> dict:
         _check(bool(c["data_root"]), f"the {c['benchmark']} stream needs --data-root (the folder that holds the images)")
     for key in ("weights", "split_manifest"):
         if c[key] is not None:
-            _check(Path(c[key]).expanduser().is_file(), f"--{key.replace('_', '-')} {c[key]}: no such file")
+            path = Path(c[key]).expanduser()
+            _check(not path.is_dir(), f"--{key.replace('_', '-')} {c[key]} is a folder; give the file")
+            _check(path.is_file(), f"--{key.replace('_', '-')} {c[key]}: no such file")
+    check_input_size(c)
     known = FIXED_CLASS_COUNTS.get(c["benchmark"])
     if known is not None:
         _check(known % c["n_experiences"] == 0,
@@ -293,6 +302,23 @@ def validate_config(config: dict) -> dict:
            "device_augment is for Split CIFAR-100 (decoded uint8 tensors); folder streams decode in DataLoader "
            "workers: drop --device-augment")
     return config
+
+
+def check_input_size(config: dict) -> None:
+    """``resolution`` and an ``img_size`` fixed in ``backbone_kwargs`` must agree, unless the backbone takes any size
+    (``dynamic_img_size``): the model would otherwise meet images of another size only when training starts."""
+    kwargs = config["backbone_kwargs"]
+    size = kwargs.get("img_size")
+    if size is None or kwargs.get("dynamic_img_size"):
+        return
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size]
+    if not all(_is_int(x) and x >= 1 for x in sizes) or len(sizes) not in (1, 2):
+        raise ConfigError(f"backbone_kwargs img_size must be a positive integer or [height, width], got {size!r}")
+    if any(x != config["resolution"] for x in sizes):
+        raise ConfigError(
+            f"--resolution {config['resolution']} conflicts with backbone_kwargs img_size {size} (the model is built "
+            f"for {size}-pixel inputs): set both to the same size (--backbone-kwargs with \"img_size\": "
+            f"{config['resolution']}), or add \"dynamic_img_size\": true to backbone_kwargs")
 
 
 # Settings that mean nothing next to another one given explicitly: (key, when, why).
@@ -318,6 +344,10 @@ def check_conflicts(config: dict, explicit: set) -> None:
         raise ConfigError(f"--betas apply to --optimizer adam, not {config['optimizer']}: drop one of them")
 
 
+# settings only the fine-tuning / prompt baselines read, and those of the InfLoRA optimiser they do not
+BASELINE_ONLY = ("backbone_lr", "ewc_lambda", "ewc_mode", "lwf_alpha", "lwf_temperature", "l2p_pool_size",
+                 "l2p_prompt_length", "l2p_top_k", "l2p_sim_coefficient")
+SCHEDULE_AND_SGD = ("weight_decay", "betas", "momentum", "milestones", "gamma")
 INFLORA_ONLY = ("rank", "adapted_blocks", "lamb", "lame", "memory", "classifier_alignment", "reset_final_norm")
 
 
@@ -327,11 +357,21 @@ def check_method_settings(config: dict, explicit: set) -> None:
     from ..methods import REGISTRY
 
     method = REGISTRY.get(config["method"])
-    if method is None or method.inflora:
+    if method is None:
         return
-    used = {k for k in INFLORA_ONLY if k in explicit}
+    if method.inflora:
+        used = {k for k in BASELINE_ONLY if k in explicit}
+        if used:
+            flags = ", ".join(FIELD_BY_NAME[k].flag for k in sorted(used))
+            raise ConfigError(f"{flags} do not apply to {config['method']}: drop {flags}")
+        return
+    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
+        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
+                          f"(got {config['optimizer']}, {config['lr_schedule']})")
+    used = {k for k in INFLORA_ONLY + SCHEDULE_AND_SGD if k in explicit}
     if "diagnostics" in explicit and config["diagnostics"]:
         used.add("diagnostics")
     if used:
-        raise ConfigError(f"{', '.join(FIELD_BY_NAME[k].flag for k in sorted(used))} only apply to the InfLoRA "
-                          f"methods, not {config['method']}: drop them")
+        flags = ", ".join(FIELD_BY_NAME[k].flag for k in sorted(used))
+        raise ConfigError(f"{flags} only appl{'ies' if len(used) == 1 else 'y'} to the InfLoRA methods, not "
+                          f"{config['method']}: drop {'it' if len(used) == 1 else 'them'}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import gc
-import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -27,8 +27,9 @@ from . import build as B
 from .config import validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
-from .output import OutputLock, check_export_dir, export_experience, prepare_output_dir, write_json, write_results
-from .parallel import on_all, on_main
+from .output import (OutputLock, check_export_dir, discard_new_entries, export_experience, make_folders,
+                     missing_folders, prepare_output_dir, remove_empty_folders, write_json, write_results)
+from .parallel import on_all, on_main, user_errors
 from ..strategy_state import load_strategy_state, strategy_state
 from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume
 
@@ -37,6 +38,9 @@ DEMO_BANNER = (
     "same code as the benchmarks to check the installation; its numbers are NOT the benchmark's."
 )
 ExperienceCallback = Callable[[int, Any, dict], None]
+#: Set while a run may have something in its output folder to take back on an interrupt (read by the command line:
+#: before that, a Ctrl-C can end the process at once).
+WRITING = threading.Event()
 
 
 def _fixed_order(experience: Any, seed: int, t: int) -> Any:
@@ -223,30 +227,51 @@ def run_experiment(
     if config["cpu_threads"]:
         torch.set_num_threads(config["cpu_threads"])
     B.set_determinism(config)
-    created = main_process and not out_dir.exists()
     lock = OutputLock(out_dir)
+    # Known before anything is made, so that an interrupt at any point can take back exactly what this run made.
+    missing = missing_folders(out_dir) if main_process else []  # --out and its parents that this run makes
+    before = {p.name for p in out_dir.iterdir()} if main_process and out_dir.is_dir() else set()
 
     def take_lock() -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_folders(missing)
         lock.acquire()
 
-    on_main(take_lock)
+    discard = False
+    if main_process:
+        WRITING.set()
     try:
+        on_main(take_lock)
         if lock.stale_note:
             log(lock.stale_note)
-        try:
-            bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
-            on_main(lambda: B.check_stream(config, info))
-        except BaseException:
-            if created:
-                lock.release()
-                shutil.rmtree(out_dir, ignore_errors=True)  # made just now: holds at most the split manifest
-            raise
+        bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
+        on_main(lambda: B.check_stream(config, info))
         return _run_seeds({**config, "out": str(out_dir)}, bench, info, out_dir, has_checkpoint, extra_plugins,
                           on_experience_end, log)
+    except BaseException as err:
+        # Stopped by the user or by a user error before the first checkpoint: nothing can be resumed, so what the
+        # run wrote is taken back (the split manifest, config.json, logs of a partial experience) and --out is as
+        # before; the same command then runs again without --overwrite. A crash or a non-finite loss keeps its logs.
+        checkpoint = out_dir / CHECKPOINT_NAME
+        discard = main_process and isinstance(err, (KeyboardInterrupt, *user_errors())) and not checkpoint.exists()
+        if isinstance(err, KeyboardInterrupt):
+            made = any(folder.exists() for folder in missing)
+            err.inflora_note = (  # type: ignore[attr-defined]  (read by the command line)
+                f"after the last finished experience; pass --resume with the same --out to continue from {checkpoint}"
+                if checkpoint.exists() else
+                f"before the first experience finished: nothing to resume, so {out_dir} was removed again"
+                if made and out_dir in missing else
+                f"before the first experience finished: nothing to resume, so what it had added to {out_dir} was "
+                "removed" if lock.held else
+                "before anything was written")
+        raise
     finally:
         if main_process:
+            if discard and lock.held:
+                discard_new_entries(out_dir, before)
             lock.release()
+            if discard:
+                remove_empty_folders(missing)
+            WRITING.clear()
 
 
 def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_checkpoint: bool,

@@ -3,6 +3,7 @@ accident; ``--export`` folders the same way; the files a run leaves (results.jso
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -59,10 +60,7 @@ def prepare_output_dir(config: dict) -> Path:
         out = default_out(config)
     out = Path(out).expanduser()
     _check_folder(out, "--out")
-    lock = OutputLock(out)
-    holder = lock._holder() if lock.path.is_file() else None
-    if holder is not None and lock._alive(holder):
-        lock.acquire()  # raises the one-line "another run is writing" error
+    OutputLock(out).check_free()  # a live run in that folder: the one-line "another run is writing" error
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if config["resume"]:
             if not (out / CHECKPOINT_NAME).is_file() and (out / "results.json").is_file():
@@ -96,58 +94,153 @@ def export_experience(config: dict, info: Any, strategy: Any, seed: int, t: int)
     path = Path(config["export"]).expanduser() / f"seed{seed}" / f"after_exp{t + 1}"
     overwrite = bool(config["overwrite"] or config["resume"])
     # export_timm_checkpoint unwraps DistributedDataParallel itself
-    export_timm_checkpoint(strategy.model, path, class_names=info.class_names or None, overwrite=overwrite)
+    export_timm_checkpoint(strategy.model, path, class_names=info.class_names or None, overwrite=overwrite,
+                           data_config=trained_data_config(config))
+
+
+def trained_data_config(config: dict) -> dict:
+    """The preprocessing the run's test data went through, as timm's data config: the paper's presets feed [0, 1]
+    pixels without normalisation, so an export must not announce the backbone's own mean/std."""
+    from ..streams.common import IMAGENET_MEAN, IMAGENET_STD
+
+    if config["normalize"]:
+        mean, std = config["mean"] or list(IMAGENET_MEAN), config["std"] or list(IMAGENET_STD)
+    else:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    resolution = config["resolution"]
+    files = config["benchmark"] in ("imagenet_r", "domainnet", "folder")  # Resize(r * 256 / 224) + CenterCrop(r)
+    return {"input_size": [3, resolution, resolution], "mean": list(mean), "std": list(std),
+            "crop_pct": 224 / 256 if files else 1.0, "interpolation": "bilinear"}
 
 
 LOCK_NAME = ".inflora-run.lock"
 
 
-class OutputLock:
-    """One output folder, one run: ``<out>/.inflora-run.lock`` names the process writing into it.
+def _try_flock(fd: int) -> Optional[bool]:
+    """An exclusive, non-blocking ``flock`` on ``fd``: ``True`` when taken, ``False`` when another open file holds
+    it, ``None`` where the file system (or the platform) has none."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
 
-    Taken with an exclusive create, so of two runs started together exactly one gets it; released when the run ends,
-    however it ends. A crash that kills the process leaves it, and it is then recognised as stale (same machine,
-    process gone) and taken over, with a note.
+
+class OutputLock:
+    """One output folder, one run: ``<out>/.inflora-run.lock``, held with an exclusive ``flock`` for as long as the
+    run writes, and naming its process (pid, host, start time) for the message a second run gets.
+
+    The kernel drops a ``flock`` when its process ends, however it ends (SIGKILL, a crash), so a lock file that no
+    process holds is stale: it is taken over, with a note, and of several runs that find it at once exactly one gets
+    it. Where the file system has no ``flock`` (some network or FUSE mounts) or on Windows, the file is created
+    exclusively instead and is stale when the pid it names no longer runs on this machine (a lock naming another
+    machine is assumed alive). Released when the run ends.
     """
 
     def __init__(self, out: Path) -> None:
         self.path = Path(out) / LOCK_NAME
         self.stale_note = ""
+        self.held = False
+        self._fd: Optional[int] = None
 
+    # ------------------------------------------------------------------ taking and releasing
     def acquire(self) -> "OutputLock":
-        import socket
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            except PermissionError as err:
+                raise ConfigError(f"cannot open the lock {self.path} ({err.strerror}); it belongs to another user's "
+                                  "run: choose another --out") from None
+            try:
+                taken = _try_flock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if taken is None:
+                os.close(fd)
+                return self._acquire_by_pid()
+            if not taken:
+                os.close(fd)
+                raise self._busy(self._holder(wait=True))
+            try:  # released (unlinked) between our open and our flock: take the new file instead
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            previous = self._holder()
+            if previous is not None:
+                self.stale_note = self._stale(previous)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self._me()).encode())
+            self._fd, self.held = fd, True
+            return self
+        raise ConfigError(f"cannot take the lock {self.path}; another run may be starting in {self.path.parent}")
 
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
+    def check_free(self) -> None:
+        """Raise the one-line "another run is writing" error when a live run holds the lock; creates nothing."""
+        if not self.path.is_file():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            taken = _try_flock(fd)
+        finally:
+            os.close(fd)  # also drops the probe's own flock
+        if taken is False or (taken is None and self._alive(self._holder())):
+            raise self._busy(self._holder(wait=True))
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass  # the folder was removed (a run that failed before its first checkpoint)
+            finally:
+                os.close(self._fd)  # drops the flock
+                self._fd, self.held = None, False
+            return
+        holder = self._holder()
+        if self.held and holder is not None and holder.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    # ------------------------------------------------------------------ without flock
+    def _acquire_by_pid(self) -> "OutputLock":
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
-                if holder is not None and self._alive(holder):
-                    raise ConfigError(
-                        f"another run (pid {holder.get('pid')} on {holder.get('host')}, started "
-                        f"{holder.get('started')}) is writing into {self.path.parent}; wait for it to end or choose "
-                        f"another --out (if no such run exists, delete {self.path})") from None
-                self.stale_note = (f"a stale lock of a run that ended without releasing it (pid "
-                                   f"{(holder or {}).get('pid')}) was taken over")
+                holder = self._holder(wait=True)
+                if self._alive(holder):
+                    raise self._busy(holder) from None
+                self.stale_note = self._stale(holder)
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
+                json.dump(self._me(), handle)
+            self.held = True
             return self
         raise ConfigError(f"cannot take the lock {self.path}; another run may be starting in {self.path.parent}")
 
-    def _holder(self) -> Optional[dict]:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            return None  # unreadable: a crash while it was written
-
     @staticmethod
-    def _alive(holder: dict) -> bool:
+    def _alive(holder: Optional[dict]) -> bool:
         import socket
 
+        if holder is None:
+            return False  # unreadable: a crash while it was written
         if holder.get("host") != socket.gethostname():
             return True  # another machine's process cannot be checked from here: assume it runs
         try:
@@ -158,10 +251,78 @@ class OutputLock:
             return True
         return True
 
-    def release(self) -> None:
-        holder = self._holder()
-        if holder is not None and holder.get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
+    # ------------------------------------------------------------------ the file's content and the messages
+    @staticmethod
+    def _me() -> dict:
+        import socket
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
+
+    def _holder(self, wait: bool = False) -> Optional[dict]:
+        """Who holds the lock, as its file says; ``wait``: give a holder that has just taken it up to 0.2 s to
+        write its name."""
+        import time
+
+        for _ in range(20 if wait else 1):
+            try:
+                data = json.loads(self.path.read_text())
+                if isinstance(data, dict):
+                    return data
+            except (OSError, ValueError):
+                pass  # missing, empty or half written
+            if wait:
+                time.sleep(0.01)
+        return None
+
+    def _busy(self, holder: Optional[dict]) -> ConfigError:
+        who = (f"another run (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')})"
+               if holder else "another run")
+        return ConfigError(f"{who} is writing into {self.path.parent}; wait for it to end or choose another --out "
+                           f"(if no such run exists, delete {self.path})")
+
+    @staticmethod
+    def _stale(holder: Optional[dict]) -> str:
+        return (f"a stale lock of a run that ended without releasing it (pid {(holder or {}).get('pid')}) was taken "
+                "over")
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """The folders that creating ``path`` would make: ``path`` and its missing parents, topmost first."""
+    return [folder for folder in (*reversed(path.parents), path) if not folder.is_dir()]
+
+
+def make_folders(folders: list[Path]) -> None:
+    """Create ``folders`` (as :func:`missing_folders` lists them), tolerating one that another process made."""
+    for folder in folders:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            pass
+
+
+def discard_new_entries(out: Path, before: set) -> None:
+    """Remove what a run wrote into ``out`` (every entry not named in ``before``, and not the lock)."""
+    import shutil
+
+    for entry in out.iterdir() if out.is_dir() else ():
+        if entry.name in before or entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (as :func:`missing_folders` lists them) that exist, deepest first, while they are
+    empty: a folder another run has written into stays, and so do its parents."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def write_results(results: dict, out_dir: Path) -> None:

@@ -102,6 +102,9 @@ def check_class_order(class_order: Optional[Sequence[int]], num_classes: int) ->
 def check_experiences(n_experiences: int, num_classes: int) -> None:
     if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) or n_experiences < 1:
         raise ValueError(f"the number of experiences must be a positive integer, got {n_experiences!r}")
+    if num_classes < 2:
+        raise ValueError(f"the stream has {num_classes} class{'' if num_classes == 1 else 'es'}; class-incremental "
+                         "learning needs at least two")
     if num_classes % n_experiences:
         raise ValueError(
             f"{num_classes} classes cannot be split evenly into {n_experiences} experiences; choose a divisor of "
