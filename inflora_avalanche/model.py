@@ -25,6 +25,7 @@ class WeightsUnavailableError(RuntimeError):
 _BIG_VISION_ANCHORS = ("embedding/kernel", "opt/target/embedding/kernel", "params/embedding/kernel",
                        "params/img/embedding/kernel")
 _STATE_DICT_WRAPPERS = ("state_dict", "model", "module")
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
 def _weights_file_kind(path: Path) -> str:
@@ -33,7 +34,7 @@ def _weights_file_kind(path: Path) -> str:
     the file and saying what it is."""
     if path.is_dir():
         try:
-            inside = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin", ".npz"))
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHTS_SUFFIXES)
         except OSError:
             inside = []
         raise ValueError(f"weights file {path} is a folder, not a file" +
@@ -43,7 +44,8 @@ def _weights_file_kind(path: Path) -> str:
         with open(path, "rb") as handle:
             head = handle.read(512)
     except FileNotFoundError:
-        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a timm-named state dict") from None
+        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a timm-named state "
+                                "dict") from None
     except OSError as err:
         raise ValueError(f"cannot read weights file {path} ({err.strerror or err})") from None
     if size == 0:
@@ -60,8 +62,8 @@ def _weights_file_kind(path: Path) -> str:
     # text: no NUL byte, and every character printable (one replacement allowed: a character cut at byte 512)
     if b"\x00" not in head and text.count("\ufffd") <= 1 and all(c.isprintable() or c in "\r\n\t\ufffd" for c in text):
         first = " ".join(text.split())[:40]
-        hint = " (a Git LFS pointer: fetch the real file with `git lfs pull`)" if text.startswith("version https://git-lfs") \
-            else ""
+        lfs = text.startswith("version https://git-lfs")
+        hint = " (a Git LFS pointer: fetch the real file with `git lfs pull`)" if lfs else ""
         raise ValueError(f"weights file {path} is a text file (it starts with {first!r}), not a checkpoint{hint}; "
                          "expected .safetensors, a PyTorch checkpoint (.pth/.pt/.bin) or a NumPy .npz")
     raise ValueError(f"weights file {path} is not a checkpoint: its {size} bytes are neither safetensors, a PyTorch "

@@ -325,7 +325,8 @@ def _bad_cases(tmp_path: Path) -> dict:
         "seed above 2**32-1": (demo + ["--seeds", "0", str(2**32)], "split_cifar100", "seeds must be in 0 .. 2**32-1"),
         "device mps absent": (demo + ["--device", "mps"], "split_cifar100", "device mps requested"),
         "device cuda:5 absent": (demo + ["--device", "cuda:5"], "split_cifar100", "device cuda:5"),
-        "unknown device": (demo + ["--device", "tpu"], "split_cifar100", "device must be auto, cpu, cuda, cuda:N or mps"),
+        "unknown device": (demo + ["--device", "tpu"], "split_cifar100",
+                           "device must be auto, cpu, cuda, cuda:N or mps"),
         "resolution against the preset's img_size": (demo + ["--resolution", "100"], "split_cifar100",
                                                      "--resolution 100 conflicts with backbone_kwargs img_size 16"),
         "text for an integer": (demo + ["--set", 'epochs="3"'], "split_cifar100",
@@ -335,7 +336,8 @@ def _bad_cases(tmp_path: Path) -> dict:
         "zero epochs": (demo + ["--epochs", "0"], "split_cifar100", "epochs (the command line) must be >= 1, got 0"),
         "NaN learning rate": (demo + ["--lr", "nan"], "split_cifar100",
                               "lr (the command line) must be a finite number, got nan"),
-        "infinite learning rate": (demo + ["--set", "lr=Infinity"], "split_cifar100", "must be a finite number, got inf"),
+        "infinite learning rate": (demo + ["--set", "lr=Infinity"], "split_cifar100",
+                                   "must be a finite number, got inf"),
         "NaN weight decay": (demo + ["--set", "weight_decay=NaN"], "split_cifar100",
                              "weight_decay (the command line) must be a finite number, got nan"),
         "zero batch size": (demo + ["--batch-size", "0"], "split_cifar100",
@@ -368,7 +370,8 @@ def _bad_cases(tmp_path: Path) -> dict:
         "unreadable image headers": (folder + ["--data-root", str(broken)], "imagenet_r",
                                      ("2 of the stream's 6 image files cannot be read", str(broken / "c0" / "1.png"),
                                       str(broken / "c1" / "2.png"))),
-        "weights path is a folder": (demo + ["--weights", str(tmp_path)], "split_cifar100", "is a folder; give the file"),
+        "weights path is a folder": (demo + ["--weights", str(tmp_path)], "split_cifar100",
+                                     "is a folder; give the file"),
     }
 
 
@@ -578,7 +581,8 @@ def test_weights_files_are_recognised_by_their_content(tmp_path):
         for key, value in state.items():
             assert torch.allclose(loaded[key], value, atol=1e-6), (name, key)
     with pytest.raises(ValueError, match=r"augreg\.npz does not fit timm model .*missing Transformer/encoderblock_2"):
-        create_backbone("vit_tiny_patch16_224", checkpoint_path=tmp_path / "augreg.npz", **{**DEMO_BACKBONE, "depth": 3})
+        create_backbone("vit_tiny_patch16_224", checkpoint_path=tmp_path / "augreg.npz",
+                        **{**DEMO_BACKBONE, "depth": 3})
 
 
 # --------------------------------------------------------------------------------------------------- output lock
@@ -704,8 +708,10 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130_and_leaves_no_folder(tmp_pa
         cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
+    sent = time.perf_counter()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    assert time.perf_counter() - sent < 5  # at once, not after the imports (or the run) have ended
     assert err.startswith("interrupted before") and err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
