@@ -21,6 +21,7 @@ from avalanche.core import SupervisedPlugin
 from inflora_avalanche.run import build, cli, loop
 from inflora_avalanche.run import config as C
 from inflora_avalanche.run import presets as P
+from inflora_avalanche.run.interrupts import interrupts_not_lost
 from inflora_avalanche.run.resume import CHECKPOINT_NAME, check_resume
 from inflora_avalanche.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -781,7 +782,7 @@ def test_ctrl_c_after_a_checkpoint_keeps_it_and_says_how_to_resume(tmp_path, cap
 def _interrupt_arrives(action) -> bool:
     """Whether a Ctrl-C made by ``action()`` reaches the code after it, under the runner's interrupt handling."""
     try:
-        with cli.interrupts_not_lost():
+        with interrupts_not_lost():
             try:
                 action()
                 deadline = time.time() + 5
