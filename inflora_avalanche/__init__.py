@@ -14,8 +14,8 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "InfLoRAQKV": "lora",
     "InfLoRAViT": "model",
-    "WeightsUnavailableError": "model",
-    "create_backbone": "model",
+    "WeightsUnavailableError": "backbone",
+    "create_backbone": "backbone",
     "SubspaceUpdatePlugin": "plugins",
     "InfLoRAStrategy": "strategy",
     "CovarianceAccumulator": "subspace",

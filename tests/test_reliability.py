@@ -549,7 +549,7 @@ BAD_WEIGHTS = ["empty file", "truncated safetensors", "text file", "random bytes
 def test_a_bad_weights_file_is_named_in_one_line_by_the_runner_and_the_library(case, tmp_path, capsys, monkeypatch):
     """``--weights BAD``: exit code 2, one line naming the file and what it is, nothing created; in Python,
     ``create_backbone(..., checkpoint_path=BAD)`` raises a ValueError with the same text."""
-    from inflora_avalanche.model import create_backbone
+    from inflora_avalanche.backbone import create_backbone
 
     path, what = _bad_weights(tmp_path / "files", case)
     monkeypatch.chdir(tmp_path)
@@ -568,7 +568,7 @@ def test_weights_files_are_recognised_by_their_content(tmp_path):
     import numpy as np
     from safetensors.torch import save_file
 
-    from inflora_avalanche.model import create_backbone
+    from inflora_avalanche.backbone import create_backbone
 
     reference = _demo_backbone()
     state = reference.state_dict()

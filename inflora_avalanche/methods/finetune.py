@@ -65,7 +65,7 @@ class LinearHeadViT(nn.Module):
 
 def build_backbone(config: dict, info: Any = None) -> nn.Module:
     """The plain timm backbone of ``config`` (no classifier): the same weights InfLoRA starts from."""
-    from ..model import create_backbone
+    from ..backbone import create_backbone
     from .inflora import backbone_kwargs, model_errors
 
     weights = Path(config["weights"]).expanduser() if config["weights"] else None

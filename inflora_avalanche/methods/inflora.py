@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..model import InfLoRAViT, WeightsUnavailableError
+from ..backbone import WeightsUnavailableError
+from ..model import InfLoRAViT
 from ..run.config import ConfigError
 from . import scaled_lr
 

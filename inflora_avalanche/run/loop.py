@@ -20,7 +20,7 @@ import torch
 from .. import distributed as ddp
 from ..checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..methods import get_method
-from ..model import WeightsUnavailableError
+from ..backbone import WeightsUnavailableError
 from ..results import aggregate, format_summary, joint_result, seed_result
 from ..streams import StreamInfo
 from . import build as B

@@ -25,7 +25,7 @@ def user_errors() -> tuple:
     """The exception types that are the user's to fix (one line, exit code 2), not bugs."""
     from ..checkpoint import CheckpointError
     from ..methods import MethodNotApplicable
-    from ..model import WeightsUnavailableError
+    from ..backbone import WeightsUnavailableError
     from ..streams import DataUnavailableError, ImageLoadError
 
     return (ConfigError, CheckpointError, DataUnavailableError, ImageLoadError, WeightsUnavailableError,
