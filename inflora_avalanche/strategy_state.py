@@ -22,16 +22,17 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
-def _inner(model: Any) -> Any:
-    return getattr(model, "module", model)  # DistributedDataParallel
+def inner_model(model: Any) -> Any:
+    """The model inside a ``DistributedDataParallel`` wrapper (any model: baselines have no ``InfLoRAViT``)."""
+    return getattr(model, "module", model)
 
 
 def _is_inflora(model: Any) -> bool:
-    return hasattr(_inner(model), "adapters")
+    return hasattr(inner_model(model), "adapters")
 
 
 def _model_state(model: Any) -> dict:
-    state = _inner(model).state_dict()
+    state = inner_model(model).state_dict()
     if not _is_inflora(model):
         return state
     return {k: v for k, v in state.items() if not k.startswith("backbone.") or ".attn.qkv." in k}
@@ -126,7 +127,7 @@ def strategy_state(strategy: Any) -> dict:
 
 def load_strategy_state(strategy: Any, state: dict) -> None:
     """Restore :func:`strategy_state` into a freshly built strategy of the same config."""
-    model = _inner(strategy.model)
+    model = inner_model(strategy.model)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if _is_inflora(model):
         missing = [k for k in missing if not k.startswith("backbone.") or ".attn.qkv." in k]

@@ -14,7 +14,8 @@ from avalanche.models import IncrementalClassifier
 from avalanche.training import EWC, JointTraining, LwF, Naive
 from torch import nn
 
-from ..run.config import ConfigError
+from ..run.config import ConfigError, check_plain_training
+from ..training import autocast, uses_bf16
 from . import scaled_lr
 
 
@@ -83,7 +84,7 @@ class AutocastPlugin(SupervisedPlugin):
         self._context: Any = nullcontext()
 
     def _enter(self) -> None:
-        self._context = torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        self._context = autocast("bf16", self.device_type)
         self._context.__enter__()
 
     def _exit(self) -> None:
@@ -104,13 +105,14 @@ class AutocastPlugin(SupervisedPlugin):
 
 
 class _FreshAdamPerExperience:
-    """Mixin: an Adam with a backbone and a head learning rate, rebuilt from the trainable tensors per experience.
+    """Mixin for Avalanche strategies: an Adam with a backbone and a head learning rate, rebuilt from the trainable
+    tensors per experience (Avalanche's default ``make_optimizer`` supports one parameter group only and puts frozen
+    tensors in it)."""
 
-    Avalanche's default ``make_optimizer`` supports one parameter group only and puts frozen tensors in it.
-    """
-
-    backbone_lr: float
-    head_lr: float
+    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
+        self.backbone_lr, self.head_lr = backbone_lr, head_lr
+        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # replaced by make_optimizer
+        super().__init__(optimizer=placeholder, **kwargs)  # type: ignore[call-arg]
 
     def make_optimizer(self, **kwargs: Any) -> None:
         model: LinearHeadViT = self.model  # type: ignore[attr-defined]
@@ -122,55 +124,26 @@ class _FreshAdamPerExperience:
         self.optimized_param_id = {}  # Avalanche's incremental optimiser bookkeeping is not used
 
 
-def _placeholder_optimizer() -> torch.optim.Optimizer:
-    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # replaced by make_optimizer
-
-
 class NaiveFineTuning(_FreshAdamPerExperience, Naive):
     """Avalanche's ``Naive`` (also the linear probe when the backbone is frozen) with two learning rates."""
-
-    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
-        self.backbone_lr, self.head_lr = backbone_lr, head_lr
-        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
 
 
 class EWCFineTuning(_FreshAdamPerExperience, EWC):
     """Avalanche's ``EWC`` with two learning rates."""
 
-    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
-        self.backbone_lr, self.head_lr = backbone_lr, head_lr
-        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
-
 
 class LwFFineTuning(_FreshAdamPerExperience, LwF):
     """Avalanche's ``LwF`` with two learning rates."""
-
-    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
-        self.backbone_lr, self.head_lr = backbone_lr, head_lr
-        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
 
 
 class JointFineTuning(_FreshAdamPerExperience, JointTraining):
     """Avalanche's ``JointTraining`` (all experiences at once: the upper bound) with two learning rates."""
 
-    def __init__(self, *, backbone_lr: float, head_lr: float, **kwargs: Any) -> None:
-        self.backbone_lr, self.head_lr = backbone_lr, head_lr
-        super().__init__(optimizer=_placeholder_optimizer(), **kwargs)
-
-
-def check_plain_training(config: dict) -> None:
-    """These baselines train with a constant-rate Adam; other optimiser settings are refused, not ignored."""
-    method = config["method"]
-    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
-        raise ConfigError(f"{method} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
-                          f"(got {config['optimizer']}, {config['lr_schedule']})")
-
 
 def common_kwargs(config: dict, evaluator: Any, plugins: list, device: str) -> dict:
     """Strategy arguments every baseline shares; bf16 autocast as a plugin when asked for."""
     plugins = list(plugins)
-    bf16 = config["precision"] == "bf16" or (config["precision"] == "auto" and device.startswith("cuda"))
-    if bf16:
+    if uses_bf16(config["precision"], device):
         plugins.append(AutocastPlugin(torch.device(device).type))
     return dict(train_mb_size=config["batch_size"], train_epochs=config["epochs"],
                 eval_mb_size=config["eval_batch_size"] or config["batch_size"], device=device, evaluator=evaluator,

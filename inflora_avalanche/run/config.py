@@ -365,9 +365,7 @@ def check_method_settings(config: dict, explicit: set) -> None:
             flags = ", ".join(FIELD_BY_NAME[k].flag for k in sorted(used))
             raise ConfigError(f"{flags} do not apply to {config['method']}: drop {flags}")
         return
-    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
-        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
-                          f"(got {config['optimizer']}, {config['lr_schedule']})")
+    check_plain_training(config)
     used = {k for k in INFLORA_ONLY + SCHEDULE_AND_SGD if k in explicit}
     if "diagnostics" in explicit and config["diagnostics"]:
         used.add("diagnostics")
@@ -375,3 +373,11 @@ def check_method_settings(config: dict, explicit: set) -> None:
         flags = ", ".join(FIELD_BY_NAME[k].flag for k in sorted(used))
         raise ConfigError(f"{flags} only appl{'ies' if len(used) == 1 else 'y'} to the InfLoRA methods, not "
                           f"{config['method']}: drop {'it' if len(used) == 1 else 'them'}")
+
+
+def check_plain_training(config: dict) -> None:
+    """The fine-tuning and prompt baselines train with a constant-rate Adam; other optimiser settings are refused,
+    not ignored (at the command line, and again where their strategies are built)."""
+    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
+        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
+                          f"(got {config['optimizer']}, {config['lr_schedule']})")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError
+from ..strategy_state import inner_model
 from ..streams import StreamInfo
 from .config import RESUME_FREE_KEYS, RESUME_IDENTITY_KEYS
 
@@ -17,14 +18,10 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 STREAM_KEYS = ("name", "num_classes", "n_experiences", "class_order", "train_size", "test_size")
 
 
-def _inner(model: Any) -> Any:
-    return getattr(model, "module", model)  # DistributedDataParallel
-
-
 def backbone_fingerprint(model: Any) -> float:
     """A float64 sum of the frozen backbone's parameters outside the adapted ``qkv`` layers (which InfLoRA changes),
     taken on the fresh model: tells whether a checkpoint was made on the same backbone weights."""
-    inner = _inner(model)
+    inner = inner_model(model)
     backbone = getattr(inner, "backbone", inner)
     total = torch.zeros((), dtype=torch.float64)
     for name, param in backbone.named_parameters():
