@@ -160,10 +160,10 @@ def build_model(args: argparse.Namespace, tasks_finished: int) -> Any:
 
 def _paper_qkv_forward(adapter: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """The reference's per-forward re-sum: dense k and v deltas rebuilt from every task's branch, applied densely."""
-    a, r = adapter.attn_dim, adapter.rank
+    a, r = adapter.row_ranges[0][0], adapter.rank
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = adapter.qkv(x)
+        out = adapter.base_layer(x)
         downs = [adapter.past_down[i : i + r] for i in range(0, adapter.num_finished, r)] + [adapter.down]
         ups = [adapter.past_up[:, i : i + r] for i in range(0, adapter.num_finished, r)] + [adapter.up]
         weight_k = torch.stack([u[:a] @ d for u, d in zip(ups, downs)]).sum(0)

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "InfLoRAQKV": "lora",
+    "InfLoRALinear": "lora",
     "InfLoRAViT": "model",
     "WeightsUnavailableError": "backbone",
     "create_backbone": "backbone",

@@ -9,9 +9,9 @@ Per experience ``t`` and adapted layer ``l``:
   holds. The threshold counts squared covariance eigenvalues, this counts plain energy, so it is usually lower;
 - ``energy_in_old``: share of task ``t``'s input energy (before training) lying in the old tasks' subspace, i.e. the
   memory as it was before task ``t``. High values leave the new branch little room;
-- ``interference_old``: ``||U_t D_t x|| / ||W_kv x + b_kv||`` over a sample ``x`` of earlier tasks' inputs of the
-  layer, ``W_kv`` the layer's key/value map without task ``t``'s branch: the relative change of the keys and values
-  of old inputs caused by the new branch, which InfLoRA designs ``D_t`` to keep near zero;
+- ``interference_old``: ``||U_t D_t x|| / ||W x + b||`` over a sample ``x`` of earlier tasks' inputs of the
+  layer, ``W`` the layer's map on its adapted rows (keys and values of the reference's qkv) without task ``t``'s
+  branch: the relative change of those outputs on old inputs caused by the new branch, which InfLoRA designs ``D_t`` to keep near zero;
 - ``change_new``: the same ratio on task ``t``'s own inputs (what the branch was trained to change);
 - ``random_down_old``: the same ratio on old inputs had ``D_t`` been a random matrix of the same shape and scale
   (an unconstrained low-rank branch): the interference InfLoRA's design avoids.
@@ -36,7 +36,7 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from .io import atomic_write, atomic_write_text
-from .lora import InfLoRAQKV
+from .lora import InfLoRALinear
 from .plugins import ForwardContext, SubspaceUpdatePlugin, forward_context, pass_with_input_hooks, unwrap_model
 from .subspace import DOWN_SCALE, CovarianceAccumulator, LayerMemory, energy_in_subspace
 
@@ -53,34 +53,35 @@ FILE_NAMES = ("subspace_diagnostics.json", "subspace_diagnostics.csv", "subspace
 
 
 # ----------------------------------------------------------------------------------------------------- pure math
-def kv_weight_without_branch(adapter: InfLoRAQKV, start: int, stop: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The key/value map of ``adapter`` (float64, CPU) as it was before its finished branch rows ``start:stop``.
+def adapted_weight_without_branch(adapter: InfLoRALinear, start: int, stop: int
+                                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The map of ``adapter``'s adapted rows (float64, CPU; the key and value rows of the reference's qkv) as it was
+    before its finished branch rows ``start:stop``.
 
-    That is the ``qkv`` weight's key/value rows plus every finished branch except ``start:stop``, whether or not the
+    That is the base weight's adapted rows plus every finished branch except ``start:stop``, whether or not the
     adapter keeps its branches merged. An open branch is not included.
     """
     if not 0 <= start <= stop <= adapter.num_finished:
         raise ValueError(f"branch rows {start}:{stop} are outside the {adapter.num_finished} finished rows")
-    a = adapter.attn_dim
-    weight = adapter.qkv.weight.detach()[a:].cpu().to(torch.float64)
+    weight = adapter.adapted(adapter.base_layer.weight.detach()).cpu().to(torch.float64)
     if adapter.merged:  # the weight holds every finished branch: take this one out
-        weight = weight - adapter.get_delta_weight(finished=slice(start, stop), current=False)[a:].cpu()
+        weight = weight - adapter.adapted(adapter.get_delta_weight(finished=slice(start, stop), current=False)).cpu()
     else:  # the weight holds none: add all the others
         keep = list(range(0, start)) + list(range(stop, adapter.num_finished))
-        weight = weight + adapter.get_delta_weight(finished=keep, current=False)[a:].cpu()
-    bias = adapter.qkv.bias
-    return weight, None if bias is None else bias.detach()[a:].cpu().to(torch.float64)
+        weight = weight + adapter.adapted(adapter.get_delta_weight(finished=keep, current=False)).cpu()
+    bias = adapter.base_layer.bias
+    return weight, None if bias is None else adapter.adapted(bias.detach()).cpu().to(torch.float64)
 
 
 def branch_change(
-    tokens: torch.Tensor, down: torch.Tensor, up: torch.Tensor, kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor]
+    tokens: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> tuple[float, float]:
-    """``(||up down x||^2, ||W_kv x + b_kv||^2)`` summed over the rows ``x`` of ``tokens`` (float64)."""
+    """``(||up down x||^2, ||W x + b||^2)`` summed over the rows ``x`` of ``tokens`` (float64)."""
     x = tokens.reshape(-1, tokens.shape[-1]).to(torch.float64)
     delta = (x @ down.to(torch.float64).T) @ up.to(torch.float64).T
-    ref = x @ kv_weight.to(torch.float64).T
-    if kv_bias is not None:
-        ref = ref + kv_bias.to(torch.float64)
+    ref = x @ weight.to(torch.float64).T
+    if bias is not None:
+        ref = ref + bias.to(torch.float64)
     return float(delta.square().sum()), float(ref.square().sum())
 
 
@@ -301,7 +302,7 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
             start, stop = self._finished_before.get(name, 0), adapter.num_finished
             down = adapter.past_down[start:stop].detach().cpu().double()
             up = adapter.past_up[:, start:stop].detach().cpu().double()
-            weight, bias = kv_weight_without_branch(adapter, start, stop)
+            weight, bias = adapted_weight_without_branch(adapter, start, stop)
             old = self.old_tokens.get(name, [])
             per_task = [branch_change(x, down, up, weight, bias) for x in old]
             rand = random_down(down.shape[0], adapter.in_features, gen) if stop > start else down

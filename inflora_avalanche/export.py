@@ -1,4 +1,4 @@
-"""Export an :class:`InfLoRAViT` as a timm model folder: branches merged into ``qkv``, one linear head.
+"""Export an :class:`InfLoRAViT` as a timm model folder: branches merged into their layers, one linear head.
 
 The folder holds ``model.safetensors`` (timm's key names) and ``config.json`` (timm's hub format: architecture,
 ``model_args``, ``pretrained_cfg`` with the input size, mean and std, ``label_names``), so timm alone loads it::
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .io import atomic_write, atomic_write_json  # atomic_write: also this module's public name, as before
-from .lora import InfLoRAQKV
 from .model import UNSEEN_CLASS_LOGIT, InfLoRAViT
 
 EXPORT_FORMAT = "inflora-avalanche-timm-export/2"
@@ -42,17 +41,10 @@ def _umask() -> int:
     return mask
 
 
-@torch.no_grad()
-def merged_qkv_weight(adapter: InfLoRAQKV) -> torch.Tensor:
-    """The ``qkv`` weight with every branch (finished and open) folded in, on the CPU; the adapter is not modified.
-
-    This is :meth:`InfLoRAQKV.effective_weight`: the same delta and rounding as an in-place merge."""
-    return adapter.effective_weight().cpu()
-
-
 def timm_state_dict(model: InfLoRAViT) -> dict[str, torch.Tensor]:
-    """The backbone's state dict under plain timm names, every adapter replaced by its merged ``qkv`` (CPU), without
-    a classifier."""
+    """The backbone's state dict under plain timm names, every adapted layer replaced by its base layer with all
+    branches (finished and open) folded in (:meth:`InfLoRALinear.effective_weight`: the same delta and rounding as an
+    in-place merge), on the CPU, without a classifier."""
     adapters = dict(model.adapters())
     state: dict[str, torch.Tensor] = {}
     for key, value in model.backbone.state_dict().items():
@@ -61,9 +53,9 @@ def timm_state_dict(model: InfLoRAViT) -> dict[str, torch.Tensor]:
         if isinstance(value, torch.Tensor):
             state[key] = value.detach().cpu().clone()
     for name, adapter in adapters.items():
-        state[f"{name}.weight"] = merged_qkv_weight(adapter)
-        if adapter.qkv.bias is not None:
-            state[f"{name}.bias"] = adapter.qkv.bias.detach().cpu().clone()
+        state[f"{name}.weight"] = adapter.effective_weight().cpu()
+        if adapter.base_layer.bias is not None:
+            state[f"{name}.bias"] = adapter.base_layer.bias.detach().cpu().clone()
     return state
 
 
@@ -228,7 +220,7 @@ def export_timm_checkpoint(
 ) -> dict:
     """Write ``model`` as a timm model folder ``path``: ``model.safetensors`` and ``config.json``.
 
-    Every InfLoRA branch is folded into its ``qkv`` weight (on a copy: the live model is not touched) and the heads
+    Every InfLoRA branch is folded into its layer's weight (on a copy: the live model is not touched) and the heads
     become timm's classifier (see :func:`merged_head` for ``columns``). ``config.json`` is timm's hub format, so
     ``timm.create_model("local-dir:<path>", pretrained=True)`` rebuilds the network with its weights, classifier
     and preprocessing (``pretrained_cfg``: input size, mean, std) without this package. It also records

@@ -10,30 +10,38 @@ import torch
 from torch import nn
 
 from .backbone import create_backbone
-from .lora import InfLoRAQKV
+from .lora import QKV_PARTS, InfLoRALinear, qkv_row_ranges
 
 BlockSelection = Union[None, int, Sequence[int]]
+TargetModules = Union[str, Sequence[str]]
 UNSEEN_CLASS_LOGIT = -1.0e4  # logit of classes no head covers yet: finite, so evaluation losses stay finite
+DEFAULT_TARGET_MODULES = ("attn.qkv",)  # the reference's: the key and value rows of the fused qkv
+DEFAULT_QKV_ROWS = ("k", "v")
+ALL_LINEAR = "all-linear"
 
 
-def _attention_source(attn: nn.Module) -> Optional[str]:
+def _forward_source(module: nn.Module) -> Optional[str]:
     try:
-        return inspect.getsource(type(attn).forward)
+        return inspect.getsource(type(module).forward)
     except (OSError, TypeError):  # built without source files: the adapter's guard reports a bypass at run time
         return None
 
 
-def qkv_problem(block: nn.Module, index: int) -> Optional[str]:
-    """Why InfLoRA cannot adapt ``block``'s attention; ``None`` when it can.
+def _is_fused_qkv(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "qkv"
 
-    InfLoRA replaces ``attn.qkv`` by an :class:`InfLoRAQKV`, which adds the branch when it is called. The attention
-    must therefore have a fused ``qkv`` ``nn.Linear`` (queries, keys, values stacked in that order) and call it as a
-    module. timm's BEiT and EVA attentions with a separate q/v bias call ``F.linear(x, qkv.weight, bias)`` instead;
-    they are adapted by switching on their own ``qkv_bias_separate`` path (``qkv(x)`` plus the bias, the same sum).
+
+def qkv_problem(block: nn.Module, index: int) -> Optional[str]:
+    """Why ``block``'s attention has no fused ``qkv`` InfLoRA can adapt; ``None`` when it has one.
+
+    The attention must have a fused ``qkv`` ``nn.Linear`` (queries, keys, values stacked in that order) and call it
+    as a module. timm's BEiT and EVA attentions with a separate q/v bias call ``F.linear(x, qkv.weight, bias)``
+    instead; they are adapted by switching on their own ``qkv_bias_separate`` path (``qkv(x)`` plus the bias, the
+    same sum).
     """
     attn = getattr(block, "attn", None)
     qkv = getattr(attn, "qkv", None)
-    qkv = qkv.qkv if isinstance(qkv, InfLoRAQKV) else qkv
+    qkv = qkv.base_layer if isinstance(qkv, InfLoRALinear) else qkv
     if not isinstance(qkv, nn.Linear):
         if attn is None:
             kind = "no attention"
@@ -44,7 +52,7 @@ def qkv_problem(block: nn.Module, index: int) -> Optional[str]:
         return f"block {index} ({type(block).__name__}) has {kind}"
     if qkv.out_features % 3 != 0:
         return f"block {index}: attn.qkv has {qkv.out_features} outputs, not 3 x an attention width"
-    source = _attention_source(attn)
+    source = _forward_source(attn)
     if source is None:
         return None
     if "self.qkv(" not in source:
@@ -55,6 +63,83 @@ def qkv_problem(block: nn.Module, index: int) -> Optional[str]:
             "bypassing attn.qkv(x)"
         )
     return None
+
+
+def normalize_target_modules(target_modules: Optional[TargetModules]) -> tuple[str, ...]:
+    """``target_modules`` as a tuple of names (``None``: the default, ``"all-linear"`` stays one name)."""
+    if target_modules is None:
+        return DEFAULT_TARGET_MODULES
+    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if not names or any(not isinstance(n, str) or not n.strip(".") for n in names):
+        raise ValueError(f"target_modules must be module names relative to a block (e.g. ['attn.qkv', 'mlp.fc1']) "
+                         f"or 'all-linear', got {target_modules!r}")
+    if ALL_LINEAR in names and len(names) > 1:
+        raise ValueError(f"target_modules: '{ALL_LINEAR}' already takes every linear layer; give it alone")
+    return tuple(dict.fromkeys(names))
+
+
+def block_linear_names(block: nn.Module) -> list[str]:
+    """Names (relative to ``block``) of its ``nn.Linear`` layers, adapted or not, in module order."""
+    names = []
+    for name, module in block.named_modules():
+        if isinstance(module, InfLoRALinear):
+            names.append(name)
+        elif isinstance(module, nn.Linear) and not name.endswith(".base_layer"):
+            names.append(name)
+    return names
+
+
+def resolve_targets(block: nn.Module, index: int, targets: Sequence[str]) -> list[str]:
+    """The names (relative to ``block``, in module order) of the linear layers ``targets`` select in ``block``.
+
+    As in PEFT, a target matches a module whose name equals it or ends with ``"." + target``; ``"all-linear"``
+    selects every ``nn.Linear`` of the block. A target that matches nothing, or matches a module that is not an
+    ``nn.Linear``, is refused."""
+    linear = block_linear_names(block)
+    if tuple(targets) == (ALL_LINEAR,):
+        if not linear:
+            raise ValueError(f"block {index} ({type(block).__name__}) has no nn.Linear layer to adapt")
+        return linear
+    modules = dict(block.named_modules())
+    chosen: set[str] = set()
+    for target in targets:
+        hits = [n for n in modules if n and (n == target or n.endswith("." + target)) and not n.endswith(".base_layer")]
+        if not hits:
+            raise ValueError(f"target module {target!r} is not in block {index} ({type(block).__name__}); its linear "
+                             f"layers are {', '.join(linear) or 'none'} (or pass 'all-linear')")
+        for name in hits:
+            if not isinstance(modules[name], (nn.Linear, InfLoRALinear)):
+                raise ValueError(f"target module {target!r} is {name} in block {index}, a {type(modules[name]).__name__}, "
+                                 f"not an nn.Linear; InfLoRA adapts linear layers ({', '.join(linear) or 'none'})")
+        chosen.update(hits)
+    return [n for n in linear if n in chosen]
+
+
+def target_problem(block: nn.Module, index: int, name: str) -> Optional[str]:
+    """Why the linear layer ``name`` of ``block`` cannot carry a branch (its module must call it as a module, which
+    is where the branch is added); ``None`` when it can."""
+    if _is_fused_qkv(name) and name == "attn.qkv":
+        return qkv_problem(block, index)
+    parent_name, _, attr = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    source = _forward_source(parent)
+    if source is not None and f"self.{attr}(" not in source:
+        return (f"block {index}: {type(parent).__name__}.forward never calls {name}(x) (it reads its weight "
+                "directly), so a branch there would be skipped")
+    return None
+
+
+def normalize_qkv_rows(qkv_rows: Sequence[str]) -> tuple[str, ...]:
+    """``qkv_rows`` checked and put in weight order (``("v", "q")`` -> ``("q", "v")``)."""
+    rows = (qkv_rows,) if isinstance(qkv_rows, str) else tuple(qkv_rows)
+    if not rows or any(r not in QKV_PARTS for r in rows) or len(set(rows)) != len(rows):
+        raise ValueError(f"qkv_rows must be distinct letters among q, k, v (e.g. ('k', 'v')), got {qkv_rows!r}")
+    return tuple(p for p in QKV_PARTS if p in rows)
+
+
+def _summary(names: Sequence[str], shown: int = 4) -> str:
+    names = list(names)
+    return str(names) if len(names) <= shown else f"{names[:shown]} ... ({len(names)} layers)"
 
 
 def _resolve_blocks(selection: BlockSelection, depth: int) -> list[int]:
@@ -70,21 +155,26 @@ def _resolve_blocks(selection: BlockSelection, depth: int) -> list[int]:
     return blocks
 
 
-def _wrap_qkv(attn: nn.Module, name: str) -> None:
-    adapter = InfLoRAQKV(attn.qkv)
-    adapter.layer_name = name
+def _wrap(block: nn.Module, name: str, full_name: str, qkv_rows: Sequence[str]) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    layer = getattr(parent, attr)
+    rows = qkv_row_ranges(layer.out_features, qkv_rows) if _is_fused_qkv(name) else None
+    adapter = InfLoRALinear(layer, rows, layer_name=full_name)
     # BEiT / EVA: make the attention call qkv(x) and add its q/v bias after it (its own alternative path).
-    if getattr(attn, "q_bias", None) is not None and getattr(attn, "qkv_bias_separate", True) is False:
-        attn.qkv_bias_separate = True
+    if attr == "qkv" and getattr(parent, "q_bias", None) is not None and getattr(parent, "qkv_bias_separate", True) is False:
+        parent.qkv_bias_separate = True
         adapter.restore_bias_separate = False
-    attn.qkv = adapter
+    setattr(parent, attr, adapter)
 
 
-def _unwrap_qkv(attn: nn.Module) -> None:
-    adapter = attn.qkv
+def _unwrap(block: nn.Module, name: str) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    adapter = getattr(parent, attr)
     if getattr(adapter, "restore_bias_separate", None) is not None:
-        attn.qkv_bias_separate = adapter.restore_bias_separate
-    attn.qkv = adapter.qkv
+        parent.qkv_bias_separate = adapter.restore_bias_separate
+    setattr(parent, attr, adapter.base_layer)
 
 
 class InfLoRAViT(nn.Module):
@@ -114,6 +204,8 @@ class InfLoRAViT(nn.Module):
         backbone: Union[str, nn.Module],
         rank: int = 10,
         adapted_blocks: BlockSelection = None,
+        target_modules: Optional[TargetModules] = None,
+        qkv_rows: Optional[Sequence[str]] = None,
         pretrained: bool = False,
         checkpoint_path: Optional[Union[str, os.PathLike]] = None,
         num_classes: Optional[int] = None,
@@ -135,12 +227,6 @@ class InfLoRAViT(nn.Module):
                 f"backbone {self.backbone_name!r} has no list of transformer blocks with a fused attn.qkv nn.Linear; "
                 "InfLoRA needs a timm ViT such as vit_base_patch16_224 or vit_small_patch14_dinov2"
             )
-        problem = next(filter(None, (qkv_problem(b, i) for i, b in enumerate(blocks))), None)
-        if problem:
-            raise ValueError(
-                f"backbone {self.backbone_name!r} is not supported: {problem}; InfLoRA needs a fused attn.qkv "
-                "nn.Linear called as a module in every block (timm ViT, DeiT, DINOv2, EVA-02 tiny/small, BEiT, ...)"
-            )
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         width = getattr(backbone, "num_features", None) or getattr(backbone, "embed_dim", None)
@@ -148,9 +234,13 @@ class InfLoRAViT(nn.Module):
             raise ValueError(f"backbone {self.backbone_name!r} has no num_features or embed_dim (its feature width)")
         self.feature_dim = int(width)
         self.adapted_blocks: list[int] = []
+        self.target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+        self.qkv_rows: tuple[str, ...] = DEFAULT_QKV_ROWS
+        self.adapted_layers: list[str] = []  # names relative to the backbone, e.g. "blocks.3.attn.qkv"
         self.rank = rank
         self.heads = nn.ModuleList()
-        self.configure(rank=rank, adapted_blocks=adapted_blocks, _all_blocks=adapted_blocks is None)
+        self.configure(rank=rank, adapted_blocks=adapted_blocks, target_modules=target_modules, qkv_rows=qkv_rows,
+                       _all_blocks=adapted_blocks is None)
         self.task_classes: list[list[int]] = []
         self.num_classes = num_classes
         self.register_buffer("_class_index", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -158,32 +248,70 @@ class InfLoRAViT(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- structure
     def configure(
-        self, rank: Optional[int] = None, adapted_blocks: BlockSelection = None, _all_blocks: bool = False
+        self,
+        rank: Optional[int] = None,
+        adapted_blocks: BlockSelection = None,
+        target_modules: Optional[TargetModules] = None,
+        qkv_rows: Optional[Sequence[str]] = None,
+        _all_blocks: bool = False,
     ) -> None:
-        """Change the rank or the adapted blocks; only before the first task."""
+        """Change the rank, the adapted blocks, the target modules or the adapted qkv rows; only before the first
+        task. Everything is checked before anything changes."""
         if self.num_tasks:
-            raise ValueError("rank and adapted_blocks can only change before the first task is learned")
+            raise ValueError("rank, adapted_blocks, target_modules and qkv_rows can only change before the first task "
+                             "is learned")
         blocks = self.backbone.blocks
-        if adapted_blocks is not None or _all_blocks:
-            wanted = _resolve_blocks(adapted_blocks, len(blocks))
-            for i, block in enumerate(blocks):
-                if isinstance(block.attn.qkv, InfLoRAQKV) and i not in wanted:
-                    _unwrap_qkv(block.attn)
-                elif not isinstance(block.attn.qkv, InfLoRAQKV) and i in wanted:
-                    _wrap_qkv(block.attn, f"blocks.{i}.attn.qkv")
-            self.adapted_blocks = wanted
+        structure = adapted_blocks is not None or _all_blocks or target_modules is not None or qkv_rows is not None
+        if structure:
+            wanted = (_resolve_blocks(adapted_blocks, len(blocks)) if adapted_blocks is not None or _all_blocks
+                      else self.adapted_blocks)
+            targets = self.target_modules if target_modules is None else normalize_target_modules(target_modules)
+            rows = self.qkv_rows if qkv_rows is None else normalize_qkv_rows(qkv_rows)
+            plan = {i: self._targets_of_block(blocks[i], i, targets) for i in wanted}
+            has_qkv = any(_is_fused_qkv(n) for names in plan.values() for n in names)
+            if rows != DEFAULT_QKV_ROWS and not has_qkv:
+                raise ValueError(f"qkv_rows={list(rows)} applies to a fused qkv layer, but target_modules="
+                                 f"{list(targets)} selects none; add 'attn.qkv' or leave qkv_rows at its default")
+            for name in list(self.adapted_layers):
+                index, _, relative = name[len("blocks."):].partition(".")
+                _unwrap(blocks[int(index)], relative)
+            self.adapted_layers = []
+            for i, names in plan.items():
+                for name in names:
+                    _wrap(blocks[i], name, f"blocks.{i}.{name}", rows)
+                    self.adapted_layers.append(f"blocks.{i}.{name}")
+            self.adapted_blocks, self.target_modules, self.qkv_rows = wanted, targets, rows
         if rank is not None:
-            min_width = min(blocks[i].attn.qkv.in_features for i in self.adapted_blocks)
+            min_width = min(adapter.in_features for _, adapter in self.adapters())
             if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < min_width:
                 raise ValueError(
                     f"rank must be an integer in [1, {min_width - 1}] (below the width {min_width}), got {rank}"
                 )
             self.rank = rank
 
-    def adapters(self) -> Iterator[tuple[str, InfLoRAQKV]]:
-        """``(name, adapter)`` for every adapted ``qkv``, in block order."""
-        for i in self.adapted_blocks:
-            yield f"blocks.{i}.attn.qkv", self.backbone.blocks[i].attn.qkv
+    def _targets_of_block(self, block: nn.Module, index: int, targets: Sequence[str]) -> list[str]:
+        """The layers of ``block`` that ``targets`` select, each checked to carry a branch (else ``ValueError``)."""
+        qkv_hint = ("InfLoRA's default target needs a fused attn.qkv nn.Linear called as a module in every adapted "
+                    "block (timm ViT, DeiT, DINOv2, EVA-02 tiny/small, BEiT, ...)")
+        problem = qkv_problem(block, index) if "attn.qkv" in targets else None
+        if problem:
+            raise ValueError(f"backbone {self.backbone_name!r} is not supported: {problem}; {qkv_hint}")
+        try:
+            names = resolve_targets(block, index, targets)
+        except ValueError as err:
+            raise ValueError(f"backbone {self.backbone_name!r}: {err}") from None
+        for name in names:
+            problem = target_problem(block, index, name)
+            if problem:
+                hint = qkv_hint if name == "attn.qkv" else f"remove {name} from target_modules"
+                raise ValueError(f"backbone {self.backbone_name!r} is not supported: {problem}; {hint}")
+        return names
+
+    def adapters(self) -> Iterator[tuple[str, InfLoRALinear]]:
+        """``(name, adapter)`` for every adapted layer, in block order, then in module order within a block (names
+        relative to the backbone, e.g. ``"blocks.3.attn.qkv"``)."""
+        for name in self.adapted_layers:
+            yield name, self.backbone.get_submodule(name)
 
     @property
     def num_tasks(self) -> int:
@@ -233,12 +361,38 @@ class InfLoRAViT(nn.Module):
             param.requires_grad_(False)
             param.grad = None  # free the finished task's training state
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The current task's up-projections and head: the only parameters InfLoRA trains."""
+    def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters InfLoRA trains for the open task, by group: ``"branches"`` (every adapted layer's
+        up-projection) and ``"head"`` (the task's head). Empty when no task is open."""
         if not self.task_open:
-            return []
-        params = [adapter.up for _, adapter in self.adapters()]
-        return params + list(self.heads[-1].parameters())
+            return {"branches": [], "head": []}
+        return {"branches": [adapter.up for _, adapter in self.adapters()], "head": list(self.heads[-1].parameters())}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The open task's up-projections and head: the only parameters InfLoRA trains."""
+        return [p for group in self.trainable_parameter_groups().values() for p in group]
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The part of ``state_dict()`` that learning changes: the heads, and every adapted layer whole (its
+        branches and its base weight, which holds the merged ones). Selected by the adapters' own keys, whatever
+        the targets; with the frozen backbone it rebuilds the model (:meth:`load_trained_state_dict`)."""
+        prefixes = tuple(f"backbone.{name}." for name in self.adapted_layers)
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or k.startswith(prefixes)}
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`trained_state_dict` into a model of the same settings (the frozen backbone stays as built).
+        A state that does not fit this model raises ``ValueError`` naming the first keys that differ."""
+        result = self.load_state_dict(state, strict=False)
+        prefixes = tuple(f"backbone.{name}." for name in self.adapted_layers)
+        missing = [k for k in result.missing_keys if not k.startswith("backbone.") or k.startswith(prefixes)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the saved model does not fit this model (missing {missing[:3]}, unexpected "
+                             f"{result.unexpected_keys[:3]})")
+
+    def is_trained_parameter(self, name: str) -> bool:
+        """Whether the backbone parameter ``name`` (relative to the backbone) belongs to an adapted layer, whose
+        weight learning changes (merges)."""
+        return any(name.startswith(layer + ".") for layer in self.adapted_layers)
 
     def merge(self) -> None:
         for _, adapter in self.adapters():
@@ -310,19 +464,15 @@ class InfLoRAViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def export_timm(self, path: Union[str, os.PathLike], **kwargs: Any) -> Any:
-        """Write a timm model folder (``model.safetensors`` + ``config.json``, all branches merged, one head) that
-        ``timm.create_model("local-dir:<path>", pretrained=True)`` loads; see ``export.export_timm_checkpoint``."""
-        from .export import export_timm_checkpoint
-
-        return export_timm_checkpoint(self, path, **kwargs)
-
     # ----------------------------------------------------------------------------------------------- state
     def get_extra_state(self) -> Any:
         return {
             "backbone": self.backbone_name,
             "rank": self.rank,
             "adapted_blocks": list(self.adapted_blocks),
+            "adapted_layers": list(self.adapted_layers),
+            "target_modules": list(self.target_modules),
+            "qkv_rows": list(self.qkv_rows),
             "task_classes": [list(c) for c in self.task_classes],
             "num_classes": self.num_classes,
             "task_open": self.task_open,
@@ -334,6 +484,10 @@ class InfLoRAViT(nn.Module):
             raise ValueError(
                 f"checkpoint adapts blocks {state['adapted_blocks']} but this model adapts {self.adapted_blocks}"
             )
+        saved_layers = state.get("adapted_layers", [f"blocks.{i}.attn.qkv" for i in state["adapted_blocks"]])
+        if list(saved_layers) != self.adapted_layers:
+            raise ValueError(f"checkpoint adapts the layers {_summary(saved_layers)} but this model adapts "
+                             f"{_summary(self.adapted_layers)} (other target_modules?)")
         self.rank = int(state["rank"])
         self.num_classes = state["num_classes"]
         weight = next(self.backbone.parameters())

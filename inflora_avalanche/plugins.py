@@ -100,7 +100,7 @@ def pass_with_input_hooks(
     forward: Optional["ForwardContext"] = None,
 ) -> None:
     """One no-grad, eval-mode pass of ``model`` over ``batches`` (up to its pooled features), calling ``on_input(name, x)`` with
-    the input of every adapted ``qkv`` (outside autocast). Each batch is an Avalanche minibatch (inputs first) or a
+    the input of every adapted layer (outside autocast). Each batch is an Avalanche minibatch (inputs first) or a
     tensor; ``forward`` is how the strategy runs its forwards (its input transform and autocast)."""
 
     def make_hook(name: str):
@@ -130,7 +130,7 @@ def collect_input_covariances(
     device: torch.device,
     forward: Optional["ForwardContext"] = None,
 ) -> Dict[str, torch.Tensor]:
-    """The uncentred covariance of every adapted ``qkv``'s input over one pass of ``batches`` (see
+    """The uncentred covariance of every adapted layer's input over one pass of ``batches`` (see
     :func:`pass_with_input_hooks`), summed in float32 on ``device`` and returned in float64. Under
     ``torch.distributed`` each rank passes over its shard and the sums are all-reduced before anything is decomposed,
     so every rank gets the covariance of the whole data."""
@@ -149,9 +149,9 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
     """Designs each new task's down-projections before training and updates the subspace memory after it.
 
     Before a training experience: one no-grad pass over its training data gives every adapted layer's input
-    covariance; the new branch's ``down`` is designed from it, away from the memory. After training: a second pass
-    (with the trained branch active), the GPM / DualGPM memory update at threshold ``eps_t``, and the merge of the
-    branch into ``qkv``.
+    covariance; the new branch's ``down`` is designed from it, away from the memory. When the strategy closes the
+    task (:meth:`update_memory`, before it merges the branches): a second pass with the trained branch live and the
+    GPM / DualGPM memory update at threshold ``eps_t``. Each adapted layer has its own covariance and memory.
 
     Args:
         lamb, lame: start and end of the threshold schedule ``eps_t = lamb + (lame - lamb) * t / T``.
@@ -196,10 +196,10 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
         """The new branch's ``down`` for layer ``name`` (override for ablations, e.g. a random subspace)."""
         return design_down_projection(covariance, rank, self.memories.get(name))
 
-    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+    def update_memory(self, strategy: Any) -> None:
+        """Called by the strategy when the task's training ends, before it merges the branches: a pass over the
+        task's data with the trained branch live, then the memory update of every adapted layer."""
         model = unwrap_model(strategy.model)
-        if not model.task_open:
-            return
         task = model.num_tasks - 1
         assert self.num_tasks is not None
         eps = energy_threshold(min(task, self.num_tasks), self.num_tasks, self.lamb, self.lame)
@@ -209,7 +209,6 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
             current = self.memories.get(name, LayerMemory(dim=adapter.in_features))
             self.memories[name] = update_memory(current, covariances[name], eps, self.memory_algorithm)
         self.thresholds.append(eps)
-        model.finish_task()
 
     def _covariances(self, strategy: Any, model: InfLoRAViT) -> Dict[str, torch.Tensor]:
         loader = self._loader if self._loader is not None else strategy.dataloader

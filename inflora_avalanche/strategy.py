@@ -67,15 +67,19 @@ def check_plugins(plugins: Sequence[Any], input_transform: Any = None) -> None:
 
 
 class InfLoRAStrategy(SupervisedTemplate):
-    """InfLoRA: per task, train low-rank key/value branches whose inputs avoid the old tasks' subspace.
+    """InfLoRA: per task, train low-rank branches (on the layers the model adapts) whose inputs avoid the old tasks'
+    subspace.
 
-    Only the current task's up-projections and head are trained, on the task's own classes (an experience with a
-    single class is trained against every seen class: alone its loss would be 0). A sample of an earlier task (e.g.
-    from a
-    ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current branches. Evaluation
-    uses every seen head (class-incremental), or with ``eval_task_labels`` only the classes trained under the
-    sample's task label. A :class:`SubspaceUpdatePlugin` (designs branches, updates the memory, merges) is added
-    unless one is passed in ``plugins``.
+    The strategy owns each task's lifecycle: it opens the task (a head and a zero branch in every adapted layer) when
+    the experience starts, trains what the model says is trainable (``trainable_parameter_groups()``: the open
+    branches' up-projections and the task's head), and closes the task when training ends: the memory plugins update
+    their memories (``update_memory(strategy)``) with the trained branch live, then the branches are merged and the
+    head frozen, before the other plugins' ``after_training_exp``. Training runs on the task's own classes (an
+    experience with a single class is trained against every seen class: alone its loss would be 0). A sample of an
+    earlier task (e.g. from a ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current
+    branches. Evaluation uses every seen head (class-incremental), or with ``eval_task_labels`` only the classes
+    trained under the sample's task label. A :class:`SubspaceUpdatePlugin` (designs branches, updates the memories)
+    is added unless one is passed in ``plugins``.
 
     Args:
         model: an :class:`InfLoRAViT`.
@@ -265,9 +269,9 @@ class InfLoRAStrategy(SupervisedTemplate):
         self.optimized_param_id = {}  # the optimiser is rebuilt per task; Avalanche's bookkeeping is not used
         if not inner.task_open:
             return
-        ups = [adapter.up for _, adapter in inner.adapters()]
-        head = list(inner.heads[-1].parameters())
-        self.optimizer = self.optimizer_factory([{"params": ups, "lr": self.lr}, {"params": head, "lr": self.head_lr}])
+        groups = inner.trainable_parameter_groups()
+        self.optimizer = self.optimizer_factory([{"params": groups["branches"], "lr": self.lr},
+                                                 {"params": groups["head"], "lr": self.head_lr}])
         self.lr_scheduler = self.scheduler_factory(self.optimizer, self.train_epochs)
 
     # ----------------------------------------------------------------------------------------------- data
@@ -388,6 +392,14 @@ class InfLoRAStrategy(SupervisedTemplate):
         return total / max(1, y.numel())
 
     def _after_training_exp(self, **kwargs: Any) -> None:
+        # Close the task: the memory plugins see the trained branch live, then it is merged and the head frozen;
+        # the other plugins (alignment, diagnostics, evaluation, ...) see the closed task.
+        inner = unwrap_model(self.model)
+        if inner.task_open:
+            for plugin in self.plugins:
+                if callable(getattr(plugin, "update_memory", None)):
+                    plugin.update_memory(self)
+            inner.finish_task()
         super()._after_training_exp(**kwargs)
         self._current_columns = None
         self._local_targets = self._current_targets = None
@@ -395,6 +407,14 @@ class InfLoRAStrategy(SupervisedTemplate):
         self.lr_scheduler = None
 
     # ----------------------------------------------------------------------------------------------- state
+    def get_extra_state(self) -> dict:
+        """The strategy's own state (the classes trained under each task label); the model, plugins and metrics
+        keep theirs (see :mod:`inflora_avalanche.strategy_state`)."""
+        return {"task_label_classes": {str(k): list(v) for k, v in self.task_label_classes.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.task_label_classes = {int(k): list(v) for k, v in state.get("task_label_classes", {}).items()}
+
     def state_dict(self) -> dict:
         """Everything needed to continue this strategy mid-stream, between two experiences (see
         :mod:`inflora_avalanche.strategy_state`)."""

@@ -1,19 +1,24 @@
-"""Save and restore a strategy mid-stream, between two experiences: model, memory, heads, plugin states, clock,
-evaluator history and RNG, so that continuing after a restore equals not stopping (bit for bit on the CPU).
+"""Save and restore a strategy mid-stream, between two experiences: model, plugin states, metric states, clock and
+RNG, so that continuing after a restore equals not stopping (bit for bit on the CPU).
 
     state = strategy.state_dict()             # or save_strategy(strategy, "ckpt.safetensors")
     ...                                        # a new process: build the same model and strategy, then
     strategy.load_state_dict(state)           # or load_strategy(strategy, "ckpt.safetensors")
 
-InfLoRA models store only what InfLoRA changes (heads, branches, merged ``qkv`` weights); other models are stored
-whole, with the state of Avalanche's EWC and LwF plugins. The optimiser is not stored: it is rebuilt per experience.
-Works for any ``SupervisedTemplate`` whose optimiser is rebuilt per experience (every method of this package).
+Each component keeps its own state; this module only collects it:
+- the model: ``trained_state_dict()`` / ``load_trained_state_dict()`` where it has them (an ``InfLoRAViT`` stores
+  only what learning changes: heads and adapted layers, whatever the targets), else its whole ``state_dict()``;
+- every plugin and every evaluator metric with ``state_dict()`` / ``load_state_dict()`` (the memory plugin,
+  classifier alignment, diagnostics, the baselines' EWC and LwF plugins, the runner's metrics, your own);
+- the strategy's ``get_extra_state()`` / ``set_extra_state()`` where it has them (e.g. InfLoRA's task-label map);
+- Avalanche's forgetting metrics and the training clock, which have no state methods of their own.
+
+The optimiser is not stored: it is rebuilt per experience. Plugins whose state cannot be stored (replay buffers,
+Avalanche's own EWC and LwF plugins) are refused by :func:`check_saveable` rather than silently dropped.
 """
 
 from __future__ import annotations
 
-import copy
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Union
 
@@ -27,137 +32,103 @@ def inner_model(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-def _is_inflora(model: Any) -> bool:
-    return hasattr(inner_model(model), "adapters")
+def _has_state(component: Any) -> bool:
+    return callable(getattr(component, "state_dict", None)) and callable(getattr(component, "load_state_dict", None))
 
 
-def _model_state(model: Any) -> dict:
-    state = inner_model(model).state_dict()
-    if not _is_inflora(model):
-        return state
-    return {k: v for k, v in state.items() if not k.startswith("backbone.") or ".attn.qkv." in k}
+def _plugins_with_state(strategy: Any) -> dict[str, Any]:
+    """The plugins of ``strategy`` that keep their own state, by a stable key (position and class)."""
+    return {f"{i}:{type(p).__name__}": p for i, p in enumerate(strategy.plugins)
+            if _has_state(p) and p is not getattr(strategy, "evaluator", None)}
 
 
-def _own_plugins(strategy: Any) -> dict[str, Any]:
-    """This package's plugins of ``strategy`` that have ``state_dict``/``load_state_dict``, by a stable key."""
-    out = {}
-    for i, plugin in enumerate(strategy.plugins):
-        if type(plugin).__module__.startswith("inflora_avalanche") and callable(getattr(plugin, "state_dict", None)) \
-                and callable(getattr(plugin, "load_state_dict", None)):
-            out[f"{i}:{type(plugin).__name__}"] = plugin
-    return out
+def _metrics(strategy: Any) -> list:
+    evaluator = getattr(strategy, "evaluator", None)
+    return list(getattr(evaluator, "metrics", []) or [])
 
 
-def _avalanche_plugin_states(strategy: Any) -> dict:
-    """EWC's saved parameters and importances, LwF's previous model and classes."""
-    from avalanche.training.plugins import EWCPlugin, LwFPlugin
-
-    out: dict = {}
-    for plugin in strategy.plugins:
-        if isinstance(plugin, EWCPlugin):
-            out["ewc"] = {
-                "saved_params": {exp: {k: p.data for k, p in params.items()} for exp, params in plugin.saved_params.items()},
-                "importances": {exp: {k: p.data for k, p in params.items()} for exp, params in plugin.importances.items()},
-            }
-        if isinstance(plugin, LwFPlugin) and plugin.lwf.prev_model is not None:
-            lwf = plugin.lwf
-            out["lwf"] = {"prev_model": lwf.prev_model.state_dict(), "expcount": lwf.expcount,
-                          "prev_classes_by_task": {t: sorted(int(c) for c in cs)
-                                                   for t, cs in lwf.prev_classes_by_task.items()}}
-    return out
-
-
-def _load_avalanche_plugin_states(strategy: Any, state: dict) -> None:
-    from avalanche.training.plugins import EWCPlugin, LwFPlugin
-    from avalanche.training.utils import ParamData
-
-    device = torch.device(strategy.device)
-    for plugin in strategy.plugins:
-        if isinstance(plugin, EWCPlugin) and "ewc" in state:
-            for attr in ("saved_params", "importances"):
-                table = defaultdict(dict)
-                for exp, params in state["ewc"][attr].items():
-                    table[int(exp)] = {k: ParamData(k, init_tensor=t.to(device), device=device) for k, t in params.items()}
-                setattr(plugin, attr, table)
-        if isinstance(plugin, LwFPlugin) and "lwf" in state:
-            lwf, saved = plugin.lwf, state["lwf"]
-            lwf.prev_model = copy.deepcopy(strategy.model)
-            lwf.prev_model.load_state_dict(saved["prev_model"])
-            lwf.expcount = int(saved["expcount"])
-            lwf.prev_classes_by_task = defaultdict(set, {t: set(cs) for t, cs in saved["prev_classes_by_task"].items()})
+def _metrics_with_state(strategy: Any) -> dict[str, Any]:
+    return {f"{i}:{type(m).__name__}": m for i, m in enumerate(_metrics(strategy)) if _has_state(m)}
 
 
 def _forgetting_metrics(strategy: Any) -> list:
     from avalanche.evaluation.metrics.forgetting_bwt import GenericExperienceForgetting
 
-    return [m for m in strategy.evaluator.metrics if isinstance(m, GenericExperienceForgetting)]
-
-
-def _task_aware_metrics(strategy: Any) -> list:
-    from .run.metrics import TaskAwareAccuracy
-
-    return [m for m in strategy.evaluator.metrics if isinstance(m, TaskAwareAccuracy)]
+    return [m for m in _metrics(strategy) if isinstance(m, GenericExperienceForgetting)]
 
 
 def check_saveable(strategy: Any) -> None:
-    """Refuse plugins whose state this module cannot store: a restored run would silently differ."""
+    """Refuse plugins whose state would be lost: a restored run would silently differ."""
+    from avalanche.training.plugins import EWCPlugin, LwFPlugin
+
     for plugin in strategy.plugins:
         if hasattr(plugin, "storage_policy"):  # ReplayPlugin and the other buffer-based plugins
             raise ValueError(
                 f"{type(plugin).__name__}'s buffer of past samples cannot be saved with the strategy: a restored run "
                 "would start with an empty buffer. Keep the process running, or save your own copy of the buffer"
             )
+        if isinstance(plugin, (EWCPlugin, LwFPlugin)) and not _has_state(plugin):
+            kind = "EWC" if isinstance(plugin, EWCPlugin) else "LwF"
+            raise ValueError(
+                f"Avalanche's {type(plugin).__name__} keeps its state in private attributes that cannot be saved: use "
+                f"inflora_avalanche.methods.finetune.Saveable{kind}Plugin (the same plugin with state_dict) instead"
+            )
 
 
 def strategy_state(strategy: Any) -> dict:
     """What a resumed run needs from ``strategy`` between two experiences."""
     check_saveable(strategy)
+    model = inner_model(strategy.model)
+    own = getattr(strategy, "get_extra_state", None)
     return {
-        "model": _model_state(strategy.model),
-        "plugins": {key: plugin.state_dict() for key, plugin in _own_plugins(strategy).items()},
-        "avalanche_plugins": _avalanche_plugin_states(strategy),
+        "model": model.trained_state_dict() if callable(getattr(model, "trained_state_dict", None))
+        else model.state_dict(),
+        "plugins": {key: plugin.state_dict() for key, plugin in _plugins_with_state(strategy).items()},
+        "metrics": {key: metric.state_dict() for key, metric in _metrics_with_state(strategy).items()},
+        "strategy": own() if callable(own) else {},
         "clock": {k: v for k, v in vars(strategy.clock).items() if isinstance(v, int) and not isinstance(v, bool)},
         "forgetting": [{"initial": dict(m.forgetting.initial), "last": dict(m.forgetting.last)}
                        for m in _forgetting_metrics(strategy)],
-        "trained_classes": [m.trained_classes for m in _task_aware_metrics(strategy)],
-        "task_label_classes": dict(getattr(strategy, "task_label_classes", {})),
-        "trained_classes_of_strategy": sorted(getattr(strategy, "trained_classes", set())),  # L2P's evaluation mask
     }
+
+
+def _load_components(kind: str, components: dict[str, Any], saved: dict, device: torch.device) -> None:
+    if set(components) != set(saved):
+        raise CheckpointError(f"the checkpoint holds {kind} states {sorted(saved)} but this run has "
+                              f"{sorted(components)}; resume with the settings of the run that wrote it")
+    for key, component in components.items():
+        try:
+            component.load_state_dict(saved[key])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot restore {key.split(':', 1)[1]}: {err}") from None
+        if callable(getattr(component, "to", None)) and not isinstance(component, torch.nn.Module):
+            component.to(device)
 
 
 def load_strategy_state(strategy: Any, state: dict) -> None:
     """Restore :func:`strategy_state` into a freshly built strategy of the same config."""
+    if "metrics" not in state:
+        raise CheckpointError("the checkpoint was written by inflora-avalanche 0.2, whose strategy state this version "
+                              "cannot continue exactly; start the run anew (another --out, or --overwrite)")
     model = inner_model(strategy.model)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if _is_inflora(model):
-        missing = [k for k in missing if not k.startswith("backbone.") or ".attn.qkv." in k]
-    if missing or unexpected:
-        raise CheckpointError(f"the checkpoint's model does not fit this model (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); resume with the settings of the run that wrote it")
-    plugins = _own_plugins(strategy)
-    if set(plugins) != set(state["plugins"]):
-        raise CheckpointError(f"the checkpoint holds plugin states {sorted(state['plugins'])} but this run has "
-                              f"{sorted(plugins)}; resume with the settings of the run that wrote it")
+    try:
+        if callable(getattr(model, "load_trained_state_dict", None)):
+            model.load_trained_state_dict(state["model"])
+        else:
+            model.load_state_dict(state["model"])
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{str(err).splitlines()[0]}; resume with the settings of the run that wrote it") from None
     device = torch.device(strategy.device)
-    for key, plugin in plugins.items():
-        try:
-            plugin.load_state_dict(state["plugins"][key])
-        except ValueError as err:
-            raise CheckpointError(f"cannot restore {key.split(':', 1)[1]}: {err}") from None
-        if callable(getattr(plugin, "to", None)):
-            plugin.to(device)
-    _load_avalanche_plugin_states(strategy, state.get("avalanche_plugins", {}))
+    _load_components("plugin", _plugins_with_state(strategy), state["plugins"], device)
+    _load_components("metric", _metrics_with_state(strategy), state.get("metrics", {}), device)
+    own = getattr(strategy, "set_extra_state", None)
+    if callable(own):
+        own(state.get("strategy", {}))
     for key, value in state["clock"].items():
         setattr(strategy.clock, key, value)
     for metric, saved in zip(_forgetting_metrics(strategy), state["forgetting"]):
         metric.forgetting.initial = {int(k): float(v) for k, v in saved["initial"].items()}
         metric.forgetting.last = {int(k): float(v) for k, v in saved["last"].items()}
-    for metric, saved in zip(_task_aware_metrics(strategy), state.get("trained_classes", [])):
-        metric.trained_classes = [list(c) for c in saved]
-    if isinstance(getattr(strategy, "trained_classes", None), set):
-        strategy.trained_classes = {int(c) for c in state.get("trained_classes_of_strategy", [])}
-    if hasattr(strategy, "task_label_classes"):
-        strategy.task_label_classes = {int(k): list(v) for k, v in state.get("task_label_classes", {}).items()}
 
 
 def save_strategy(strategy: Any, path: Union[str, Path], include_rng: bool = True) -> None:

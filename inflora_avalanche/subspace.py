@@ -130,7 +130,21 @@ def design_down_projection(cov: torch.Tensor, rank: int, memory: Optional[LayerM
         raise ValueError(f"rank must be in [1, {dim - 1}] for width {dim}, got {rank}")
     projected = project_out_old_inputs(cov, memory)
     left, _, _ = torch.linalg.svd(projected, full_matrices=False)
-    return left[:, :rank].T.contiguous() * DOWN_SCALE
+    return canonical_signs(left[:, :rank]).T.contiguous() * DOWN_SCALE
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` (columns) with each column's sign chosen so that its largest-magnitude entry is positive.
+
+    LAPACK may return a singular vector or its negation for the same input (seen: the same matrix, bit for bit,
+    decomposed twice in one process); the span, the projector and everything trained from it are the same either
+    way (Adam is sign-equivariant, so a negated ``down`` trains an exactly negated ``up``), but the stored tensors
+    would differ. A fixed sign keeps saved states and resumed runs bit-identical."""
+    if vectors.numel() == 0:
+        return vectors
+    peak = vectors.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(vectors, 0, peak))
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def _first_task_components(sq: torch.Tensor, eps: float) -> int:

@@ -137,11 +137,11 @@ def test_attention_that_bypasses_qkv_is_refused_and_guarded_at_run_time():
     with pytest.raises(ValueError, match=r"never calls attn.qkv\(x\)"):
         InfLoRAViT(vit, rank=2)
     # Without source to inspect, the adapter itself refuses to be read as a Linear, naming the layer.
-    from inflora_avalanche import InfLoRAQKV
+    from inflora_avalanche import InfLoRALinear
 
-    adapter = InfLoRAQKV(torch.nn.Linear(8, 24))
+    adapter = InfLoRALinear(torch.nn.Linear(8, 24))
     adapter.layer_name = "blocks.0.attn.qkv"
-    with pytest.raises(AttributeError, match=r"blocks\.0\.attn\.qkv.*read attn\.qkv\.weight directly"):
+    with pytest.raises(AttributeError, match=r"blocks\.0\.attn\.qkv.*read \.weight of this layer directly"):
         adapter.weight  # noqa: B018
 
 

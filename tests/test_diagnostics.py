@@ -9,27 +9,28 @@ import pytest
 import torch
 
 from conftest import TINY_VIT, SyntheticImages
-from inflora_avalanche import InfLoRAQKV, InfLoRAViT, LayerMemory, design_down_projection
+from inflora_avalanche import InfLoRALinear, InfLoRAViT, LayerMemory, design_down_projection
 from inflora_avalanche.diagnostics import (
     FILE_NAMES,
     PER_LAYER_METRICS,
     SubspaceDiagnosticsPlugin,
     branch_change,
-    kv_weight_without_branch,
+    adapted_weight_without_branch,
     load_records,
     plot_heatmaps,
     random_down,
     relative_change,
     sample_rows,
 )
+from inflora_avalanche.lora import qkv_row_ranges
 from inflora_avalanche.subspace import DOWN_SCALE
 
 LAYERS = ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
 
 
-def _adapter_with_branches(d: int = 12, rank: int = 3, tasks: int = 3, seed: int = 0) -> InfLoRAQKV:
+def _adapter_with_branches(d: int = 12, rank: int = 3, tasks: int = 3, seed: int = 0) -> InfLoRALinear:
     torch.manual_seed(seed)
-    adapter = InfLoRAQKV(torch.nn.Linear(d, 3 * d))
+    adapter = InfLoRALinear(torch.nn.Linear(d, 3 * d), qkv_row_ranges(3 * d, ("k", "v")))
     for _ in range(tasks):
         adapter.start_branch(rank)
         adapter.set_down(torch.randn(rank, d))
@@ -38,30 +39,30 @@ def _adapter_with_branches(d: int = 12, rank: int = 3, tasks: int = 3, seed: int
     return adapter
 
 
-def _kv(adapter: InfLoRAQKV, x: torch.Tensor) -> torch.Tensor:
+def _kv(adapter: InfLoRALinear, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return adapter(x.float())[..., adapter.attn_dim :].double()
+        return adapter(x.float())[..., adapter.row_ranges[0][0] :].double()
 
 
 # ----------------------------------------------------------------------------------------------------- math
 @pytest.mark.parametrize("merged", [True, False])
-def test_kv_weight_without_branch_is_the_layer_before_that_branch(merged):
+def test_adapted_weight_without_branch_is_the_layer_before_that_branch(merged):
     full = _adapter_with_branches()
     two = _adapter_with_branches(tasks=2)  # same seed: the first two branches are identical
     if not merged:
         full.unmerge()
-    weight, bias = kv_weight_without_branch(full, 6, 9)
+    weight, bias = adapted_weight_without_branch(full, 6, 9)
     x = torch.randn(20, 12, dtype=torch.float64)
     torch.testing.assert_close(x @ weight.T + bias, _kv(two, x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
-        kv_weight_without_branch(full, 6, 12)
+        adapted_weight_without_branch(full, 6, 12)
 
 
 def test_branch_change_is_the_measured_change_of_the_layer_output():
     adapter = _adapter_with_branches()
     before = _adapter_with_branches(tasks=2)
     x = torch.randn(50, 12, dtype=torch.float64)
-    weight, bias = kv_weight_without_branch(adapter, 6, 9)
+    weight, bias = adapted_weight_without_branch(adapter, 6, 9)
     change, ref = branch_change(x, adapter.past_down[6:9], adapter.past_up[:, 6:9], weight, bias)
     measured = (_kv(adapter, x) - _kv(before, x)).norm() / _kv(before, x).norm()
     assert relative_change([(change, ref)]) == pytest.approx(float(measured), rel=1e-4)

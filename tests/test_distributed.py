@@ -47,7 +47,7 @@ def run_one_experience(out_path: str) -> None:
         {
             "past_down": {n: a.past_down for n, a in model.adapters()},
             "past_up": {n: a.past_up for n, a in model.adapters()},
-            "qkv": {n: a.qkv.weight for n, a in model.adapters()},
+            "qkv": {n: a.base_layer.weight for n, a in model.adapters()},
             "memory": {n: (m.kind, m.basis) for n, m in strategy.subspace_plugin.memories.items()},
             "heads": model.heads.state_dict(),
             "metrics": {k: float(v) for k, v in metrics.items() if k.startswith("Top1_Acc")},

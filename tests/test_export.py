@@ -15,7 +15,7 @@ import torch
 
 from conftest import SyntheticImages
 from inflora_avalanche import InfLoRAViT
-from inflora_avalanche.export import export_timm_checkpoint, load_exported, merged_qkv_weight
+from inflora_avalanche.export import export_timm_checkpoint, load_exported
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 LABELS = [0, 1, 2, 3, 5, 7]  # labels 4 and 6 never occur: the export must keep label-indexed columns right
@@ -126,10 +126,10 @@ def test_exported_state_dict_has_plain_timm_keys_and_merged_qkv(trained):
     assert set(state) == set(plain)
     for name, adapter in model.adapters():
         assert adapter.merged
-        assert torch.equal(state[f"{name}.weight"], adapter.qkv.weight)
+        assert torch.equal(state[f"{name}.weight"], adapter.base_layer.weight)
         # The branches changed keys and values only: the query rows are the pretrained ones.
-        original = adapter.qkv.weight[: adapter.attn_dim]
-        assert torch.equal(state[f"{name}.weight"][: adapter.attn_dim], original)
+        original = adapter.base_layer.weight[: adapter.row_ranges[0][0]]
+        assert torch.equal(state[f"{name}.weight"][: adapter.row_ranges[0][0]], original)
 
 
 def test_export_of_unmerged_or_open_model_does_not_touch_it(tmp_path):
@@ -167,10 +167,10 @@ def test_merged_qkv_weight_equals_in_place_merge():
         adapter.up.data.normal_()
     model.finish_task()
     model.unmerge()
-    exported = {name: merged_qkv_weight(a) for name, a in model.adapters()}
+    exported = {name: a.effective_weight().cpu() for name, a in model.adapters()}
     model.merge()
     for name, adapter in model.adapters():
-        assert torch.equal(exported[name], adapter.qkv.weight)
+        assert torch.equal(exported[name], adapter.base_layer.weight)
 
 
 def test_refuses_to_overwrite_and_leaves_no_temporary_files(trained, tmp_path):

@@ -37,9 +37,9 @@ def _evaluator():
     return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(epoch=True), loggers=[])
 
 
-def _strategy(plugins=(), seed=0, **kwargs):
+def _strategy(plugins=(), seed=0, target_modules=None, **kwargs):
     torch.manual_seed(seed)
-    model = InfLoRAViT(tiny_vit(seed=seed), rank=2)
+    model = InfLoRAViT(tiny_vit(seed=seed), rank=2, target_modules=target_modules)
     kwargs = {"lr": 1e-2, "train_epochs": 2, "train_mb_size": 16, "evaluator": _evaluator(), **kwargs}
     return InfLoRAStrategy(model=model, plugins=list(plugins), **kwargs)
 
@@ -234,18 +234,20 @@ def test_a_sliced_stream_needs_num_tasks():
 
 
 # --------------------------------------------------------------------------------------------------- state
-def test_continuing_after_restore_equals_not_stopping(tmp_path):
+@pytest.mark.parametrize("targets", [None, ["mlp.fc1", "mlp.fc2"], "all-linear"])
+def test_continuing_after_restore_equals_not_stopping(tmp_path, targets):
     """Train experience 1, save; a fresh strategy (new model, new plugins) restores it and trains experience 2:
-    bit for bit what the uninterrupted strategy gives, model, memory and RNG included."""
+    bit for bit what the uninterrupted strategy gives, model, memory and RNG included, whatever layers are
+    adapted."""
     bench = _benchmark()
-    uninterrupted = _strategy()
+    uninterrupted = _strategy(target_modules=targets)
     uninterrupted.train(bench.train_stream[0])
     save_strategy(uninterrupted, tmp_path / "after_exp1.safetensors")
     uninterrupted.train(bench.train_stream[1])
     expected = uninterrupted.eval(bench.test_stream)
 
     torch.manual_seed(123)  # anything in between: the restore brings the RNG back
-    restored = _strategy(seed=0)
+    restored = _strategy(seed=0, target_modules=targets)
     load_strategy(restored, tmp_path / "after_exp1.safetensors")
     assert restored.model.task_classes == [[0, 1]] and not restored.model.task_open
     restored.train(bench.train_stream[1])
@@ -258,5 +260,9 @@ def test_continuing_after_restore_equals_not_stopping(tmp_path):
             assert torch.equal(value, b[key]), key
     memory_a = uninterrupted.subspace_plugin.state_dict()["layers"]
     memory_b = restored.subspace_plugin.state_dict()["layers"]
+    assert set(memory_a) == set(memory_b) == {name for name, _ in restored.model.adapters()}
+    if targets is not None:  # the branches live where they were asked for, and were trained and saved there
+        assert {name.split(".", 2)[2] for name in memory_a} >= {"mlp.fc1", "mlp.fc2"}
+        assert all(a.num_finished == 4 for _, a in restored.model.adapters())
     for layer in memory_a:
         assert torch.equal(memory_a[layer]["basis"], memory_b[layer]["basis"]), layer

@@ -26,7 +26,6 @@ from inflora_avalanche.methods import METHODS, MethodNotApplicable
 from inflora_avalanche.methods.l2p import BackboneNotSupported, L2PCompat
 from inflora_avalanche.methods.seq_lora import RandomSubspacePlugin, random_down_projection
 from inflora_avalanche.results import average_forgetting, forgetting_per_experience
-from inflora_avalanche import strategy_state as S
 from inflora_avalanche.run import resume as R
 from inflora_avalanche.run.config import ConfigError
 from inflora_avalanche.run.loop import run_experiment
@@ -316,7 +315,8 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
     assert not (tmp_path / "cut" / "results.json").exists()
     saved = load_checkpoint(tmp_path / "cut" / R.CHECKPOINT_NAME)
     assert saved["experiences_done"] == 1
-    assert list(saved["strategy"]["avalanche_plugins"]) == [method]  # EWC's importances / LwF's teacher are kept
+    kept = [key for key in saved["strategy"]["plugins"] if key.endswith(f"Saveable{method.upper() if method == 'ewc' else 'LwF'}Plugin")]
+    assert len(kept) == 1 and saved["strategy"]["plugins"][kept[0]]  # EWC's importances / LwF's teacher are kept
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_without_plugin_state")
 
     resumed = _run(_config(method, tmp_path / "cut", resume=True))
@@ -325,7 +325,10 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
 
     # The same resume without EWC's / LwF's state trains the second experience differently: the check above
     # depends on that state being restored.
-    monkeypatch.setattr(S, "_load_avalanche_plugin_states", lambda strategy, state: None)
+    from inflora_avalanche.methods import finetune
+
+    plugin = finetune.SaveableEWCPlugin if method == "ewc" else finetune.SaveableLwFPlugin
+    monkeypatch.setattr(plugin, "load_state_dict", lambda self, state: None)
     _run(_config(method, tmp_path / "cut_without_plugin_state", resume=True))
     assert not _same_tensors(_final_model(tmp_path / "cut_without_plugin_state"), _final_model(tmp_path / "full"))
 

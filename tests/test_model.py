@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_vit
-from inflora_avalanche import InfLoRAQKV, InfLoRAViT
+from inflora_avalanche import InfLoRALinear, InfLoRAViT, export_timm_checkpoint
+from inflora_avalanche.lora import qkv_row_ranges
 
 
 def finish_random_task(model: InfLoRAViT, classes: list[int], seed: int) -> None:
@@ -29,9 +30,9 @@ def test_branches_only_on_keys_and_values():
     finish_random_task(model, [0, 1], seed=0)
     adapter = model.backbone.blocks[0].attn.qkv
     tokens = torch.randn(2, 5, 32)
-    base = nn.functional.linear(tokens, adapter.qkv.weight, adapter.qkv.bias)
+    base = nn.functional.linear(tokens, adapter.base_layer.weight, adapter.base_layer.bias)
     adapter.unmerge()
-    plain = nn.functional.linear(tokens, adapter.qkv.weight, adapter.qkv.bias)
+    plain = nn.functional.linear(tokens, adapter.base_layer.weight, adapter.base_layer.bias)
     adapter.merge()
     torch.testing.assert_close(base[..., :32], plain[..., :32], rtol=0, atol=0)  # queries untouched
     assert (base[..., 32:] - plain[..., 32:]).abs().max() > 1e-3  # keys and values changed
@@ -104,11 +105,11 @@ def test_output_is_indexed_by_label():
 def test_first_n_blocks_and_explicit_blocks():
     model = InfLoRAViT(tiny_vit(depth=4), rank=2, adapted_blocks=2)
     assert [name for name, _ in model.adapters()] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
-    assert not isinstance(model.backbone.blocks[2].attn.qkv, InfLoRAQKV)
+    assert not isinstance(model.backbone.blocks[2].attn.qkv, InfLoRALinear)
     model.configure(adapted_blocks=[1, 3])
     assert model.adapted_blocks == [1, 3]
-    assert isinstance(model.backbone.blocks[3].attn.qkv, InfLoRAQKV)
-    assert not isinstance(model.backbone.blocks[0].attn.qkv, InfLoRAQKV)
+    assert isinstance(model.backbone.blocks[3].attn.qkv, InfLoRALinear)
+    assert not isinstance(model.backbone.blocks[0].attn.qkv, InfLoRALinear)
 
 
 def test_dinov2_layer_scale_backbone():
@@ -188,7 +189,7 @@ def test_export_from_the_model_rebuilds_with_recorded_timm_kwargs(tmp_path):
     model = InfLoRAViT("vit_tiny_patch16_224", rank=2, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
     finish_random_task(model, [1, 0], seed=0)
     assert model.timm_kwargs["img_size"] == 32
-    model.export_timm(tmp_path / "m")
+    export_timm_checkpoint(model, tmp_path / "m")
     from safetensors.torch import load_file
 
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **model.timm_kwargs).eval()
@@ -200,7 +201,7 @@ def test_export_from_the_model_rebuilds_with_recorded_timm_kwargs(tmp_path):
 # ----------------------------------------------------------------------------------------------- delta weight
 def test_get_delta_weight_is_the_one_low_rank_update():
     torch.manual_seed(0)
-    adapter = InfLoRAQKV(nn.Linear(16, 48))
+    adapter = InfLoRALinear(nn.Linear(16, 48), qkv_row_ranges(48, ("k", "v")))
     for _ in range(2):
         adapter.start_branch(3)
         adapter.set_down(torch.randn(3, 16))
@@ -212,7 +213,7 @@ def test_get_delta_weight_is_the_one_low_rank_update():
     up = torch.cat([adapter.past_up, adapter.up.detach()], dim=1).double()
     down = torch.cat([adapter.past_down, adapter.down], dim=0).double()
     delta = adapter.get_delta_weight()
-    assert delta.shape == adapter.qkv.weight.shape and delta.dtype == torch.float64
+    assert delta.shape == adapter.base_layer.weight.shape and delta.dtype == torch.float64
     assert not delta[:16].any()  # queries untouched
     torch.testing.assert_close(delta[16:], up @ down)
     torch.testing.assert_close(adapter.get_delta_weight(current=False)[16:], up[:, :6] @ down[:6])
@@ -223,14 +224,14 @@ def test_get_delta_weight_is_the_one_low_rank_update():
     assert not adapter.get_delta_weight(finished=[], current=False).any()
     # merged: qkv.weight already holds the finished branches; effective_weight adds the open one
     torch.testing.assert_close(
-        adapter.effective_weight().double(), adapter.qkv.weight.double() + adapter.get_delta_weight(finished=False)
+        adapter.effective_weight().double(), adapter.base_layer.weight.double() + adapter.get_delta_weight(finished=False)
     )
     x = torch.randn(5, 16)
     with torch.no_grad():
-        torch.testing.assert_close(adapter(x), nn.functional.linear(x, adapter.effective_weight(), adapter.qkv.bias))
+        torch.testing.assert_close(adapter(x), nn.functional.linear(x, adapter.effective_weight(), adapter.base_layer.bias))
     adapter.unmerge()
     with torch.no_grad():
-        torch.testing.assert_close(adapter(x), nn.functional.linear(x, adapter.effective_weight(), adapter.qkv.bias))
+        torch.testing.assert_close(adapter(x), nn.functional.linear(x, adapter.effective_weight(), adapter.base_layer.bias))
 
 
 @pytest.mark.parametrize("where", ["finish", "merge"])
@@ -245,10 +246,10 @@ def test_non_finite_merge_raises_naming_the_layer_and_leaves_the_weight(where):
         adapter.past_up[5, 1] = float("inf")
     else:
         adapter.up.data[5, 1] = float("nan")
-    before = adapter.qkv.weight.clone()
+    before = adapter.base_layer.weight.clone()
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv: merging the \w+ branch.* non-finite"):
         model.finish_task() if where == "finish" else model.merge()
-    assert torch.equal(adapter.qkv.weight, before)
+    assert torch.equal(adapter.base_layer.weight, before)
 
 
 # ----------------------------------------------------------------------------------------------- timm interface

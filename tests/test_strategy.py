@@ -60,7 +60,7 @@ def test_readme_example_learns_three_experiences():
     )
     assert isinstance(strategy.plugins[0], SubspaceUpdatePlugin)
     frozen_before = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "attn.qkv" not in n}
-    qkv_before = {n: a.qkv.weight.detach().clone() for n, a in model.adapters()}
+    qkv_before = {n: a.base_layer.weight.detach().clone() for n, a in model.adapters()}
     heads_after_task: list[dict[str, torch.Tensor]] = []
 
     for experience in benchmark.train_stream:
@@ -82,7 +82,7 @@ def test_readme_example_learns_three_experiences():
         if name in frozen_before:
             assert torch.equal(p, frozen_before[name]), name
     for name, adapter in model.adapters():
-        weight, dim = adapter.qkv.weight, adapter.attn_dim
+        weight, dim = adapter.base_layer.weight, adapter.row_ranges[0][0]
         assert torch.equal(weight[:dim], qkv_before[name][:dim]), "query rows must never change"
         expected_kv = qkv_before[name][dim:].double() + adapter.past_up.double() @ adapter.past_down.double()
         torch.testing.assert_close(weight[dim:].double(), expected_kv, rtol=0, atol=1e-6)
@@ -137,7 +137,7 @@ def output_drift(model: InfLoRAViT, x: torch.Tensor, before: dict[str, torch.Ten
 def layer_outputs(model: InfLoRAViT, x: torch.Tensor) -> dict[str, torch.Tensor]:
     outputs: dict[str, torch.Tensor] = {}
     handles = [
-        a.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o[..., m.attn_dim :].detach().clone()))
+        a.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o[..., m.row_ranges[0][0] :].detach().clone()))
         for n, a in model.adapters()
     ]
     with torch.no_grad():
@@ -178,14 +178,14 @@ def layer_outputs_without_last_branch(model: InfLoRAViT, x: torch.Tensor) -> dic
     """Outputs with the last task's (merged) branch taken out again."""
     saved = {}
     for name, adapter in model.adapters():
-        saved[name] = adapter.qkv.weight.detach().clone()
+        saved[name] = adapter.base_layer.weight.detach().clone()
         up, down = adapter.past_up[:, -model.rank :], adapter.past_down[-model.rank :]
         with torch.no_grad():
-            adapter.qkv.weight[adapter.attn_dim :] -= up @ down
+            adapter.base_layer.weight[adapter.row_ranges[0][0] :] -= up @ down
     outputs = layer_outputs(model, x)
     for name, adapter in model.adapters():
         with torch.no_grad():
-            adapter.qkv.weight.copy_(saved[name])
+            adapter.base_layer.weight.copy_(saved[name])
     return outputs
 
 

@@ -4,14 +4,18 @@ experience (as InfLoRA restarts its optimiser per task)."""
 
 from __future__ import annotations
 
+import copy
+from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import IncrementalClassifier
-from avalanche.training import EWC, JointTraining, LwF, Naive
+from avalanche.training import JointTraining, Naive
+from avalanche.training.plugins import EWCPlugin, LwFPlugin
+from avalanche.training.utils import ParamData
 from torch import nn
 
 from ..run.config import ConfigError, check_plain_training
@@ -124,16 +128,64 @@ class _FreshAdamPerExperience:
         self.optimized_param_id = {}  # Avalanche's incremental optimiser bookkeeping is not used
 
 
+class SaveableEWCPlugin(EWCPlugin):
+    """Avalanche's ``EWCPlugin`` that saves and restores its own state (the parameters and importances it keeps
+    per experience), so that a run with it resumes exactly."""
+
+    def state_dict(self) -> dict:
+        return {attr: {exp: {k: p.data.detach().cpu() for k, p in params.items()}
+                       for exp, params in getattr(self, attr).items()}
+                for attr in ("saved_params", "importances")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for attr in ("saved_params", "importances"):
+            table = defaultdict(dict)
+            for exp, params in state[attr].items():
+                table[int(exp)] = {k: ParamData(k, init_tensor=t, device=t.device) for k, t in params.items()}
+            setattr(self, attr, table)
+
+    def to(self, device: Any) -> "SaveableEWCPlugin":
+        """Move the kept tensors to ``device`` (where the strategy trains)."""
+        for attr in ("saved_params", "importances"):
+            for params in getattr(self, attr).values():
+                for k, p in params.items():
+                    params[k] = ParamData(k, init_tensor=p.data.to(device), device=device)
+        return self
+
+
+class SaveableLwFPlugin(LwFPlugin):
+    """Avalanche's ``LwFPlugin`` that saves and restores its own state (the previous model's weights, the count of
+    experiences and the classes of each task), so that a run with it resumes exactly. The previous model is rebuilt
+    from the strategy's model when training resumes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        lwf = self.lwf
+        if lwf.prev_model is None:
+            return {}
+        return {"prev_model": lwf.prev_model.state_dict(), "expcount": lwf.expcount,
+                "prev_classes_by_task": {t: sorted(int(c) for c in cs) for t, cs in lwf.prev_classes_by_task.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = dict(state) or None
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self._restored is not None:
+            saved, self._restored, lwf = self._restored, None, self.lwf
+            lwf.prev_model = copy.deepcopy(strategy.model)
+            lwf.prev_model.load_state_dict(saved["prev_model"])
+            lwf.expcount = int(saved["expcount"])
+            lwf.prev_classes_by_task = defaultdict(set, {int(t): set(cs)
+                                                         for t, cs in saved["prev_classes_by_task"].items()})
+
+
 class NaiveFineTuning(_FreshAdamPerExperience, Naive):
-    """Avalanche's ``Naive`` (also the linear probe when the backbone is frozen) with two learning rates."""
-
-
-class EWCFineTuning(_FreshAdamPerExperience, EWC):
-    """Avalanche's ``EWC`` with two learning rates."""
-
-
-class LwFFineTuning(_FreshAdamPerExperience, LwF):
-    """Avalanche's ``LwF`` with two learning rates."""
+    """Avalanche's ``Naive`` (also the linear probe when the backbone is frozen) with two learning rates; EWC and
+    LwF are this strategy with their (saveable) plugin, as Avalanche's own ``EWC`` and ``LwF`` strategies are
+    ``Naive`` with theirs."""
 
 
 class JointFineTuning(_FreshAdamPerExperience, JointTraining):
@@ -161,14 +213,15 @@ def frozen_head_model(config: dict, info: Any) -> LinearHeadViT:
 
 
 def _finetune(cls: type, config: dict, model: LinearHeadViT, evaluator: Any, plugins: list, device: str,
-              **extra: Any) -> Any:
+              extra_plugins: Sequence[Any] = ()) -> Any:
     check_plain_training(config)
     head_lr = scaled_lr(config, "head_lr") or scaled_lr(config, "lr")
     backbone_lr = 0.0 if model.frozen_backbone else scaled_lr(config, "backbone_lr")
     if backbone_lr is None:
         raise ConfigError(f"{config['method']} trains the backbone: set --backbone-lr")
-    return cls(model=model, criterion=nn.CrossEntropyLoss(), backbone_lr=backbone_lr, head_lr=head_lr, **extra,
-               **common_kwargs(config, evaluator, plugins, device))
+    kwargs = common_kwargs(config, evaluator, plugins, device)
+    kwargs["plugins"] += list(extra_plugins)  # after the others, where Avalanche's EWC and LwF strategies put theirs
+    return cls(model=model, criterion=nn.CrossEntropyLoss(), backbone_lr=backbone_lr, head_lr=head_lr, **kwargs)
 
 
 def naive_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
@@ -179,14 +232,14 @@ def naive_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins:
 
 def ewc_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
                  seed: int) -> Any:
-    return _finetune(EWCFineTuning, config, model, evaluator, plugins, device, ewc_lambda=config["ewc_lambda"],
-                     mode=config["ewc_mode"])
+    ewc = SaveableEWCPlugin(ewc_lambda=config["ewc_lambda"], mode=config["ewc_mode"])
+    return _finetune(NaiveFineTuning, config, model, evaluator, plugins, device, extra_plugins=[ewc])
 
 
 def lwf_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
                  seed: int) -> Any:
-    return _finetune(LwFFineTuning, config, model, evaluator, plugins, device, alpha=config["lwf_alpha"],
-                     temperature=config["lwf_temperature"])
+    lwf = SaveableLwFPlugin(alpha=config["lwf_alpha"], temperature=config["lwf_temperature"])
+    return _finetune(NaiveFineTuning, config, model, evaluator, plugins, device, extra_plugins=[lwf])
 
 
 def joint_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,

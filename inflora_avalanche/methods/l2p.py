@@ -263,6 +263,13 @@ class L2PCompat(LearningToPrompt):
         self.trained_classes |= {int(c) for c in self.experience.classes_in_this_experience}
         super()._after_training_exp(**kwargs)
 
+    def get_extra_state(self) -> dict:
+        """The labels trained so far (masked in at evaluation), for an exact resume."""
+        return {"trained_classes": sorted(self.trained_classes)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.trained_classes = {int(c) for c in state.get("trained_classes", [])}
+
 
 def l2p_strategy(config: dict, backbone: nn.Module, info: Any, evaluator: Any, plugins: list, device: str,
                  seed: int) -> Any:

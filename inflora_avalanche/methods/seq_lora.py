@@ -46,10 +46,8 @@ class RandomSubspacePlugin(SubspaceUpdatePlugin):
         """A random orthonormal down-projection; only the width of ``covariance`` is used."""
         return random_down_projection(int(covariance.shape[0]), rank, self._generator)
 
-    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        model = unwrap_model(strategy.model)
-        if model.task_open:
-            model.finish_task()  # merge the branch, freeze the head; no memory update
+    def update_memory(self, strategy: Any) -> None:
+        """No memory: the strategy merges the branch and freezes the head, as in InfLoRA."""
 
     def state_dict(self) -> dict:
         """The base plugin's state and the random generator's, so that a resumed run draws the next task's

@@ -57,6 +57,13 @@ class TaskAwareAccuracy(PluginMetric):
     def before_eval(self, strategy: Any) -> None:
         self.reset()
 
+    def state_dict(self) -> dict:
+        """The classes of the experiences trained so far (for an exact resume)."""
+        return {"trained_classes": [list(c) for c in self.trained_classes]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trained_classes = [[int(c) for c in classes] for classes in state["trained_classes"]]
+
     @torch.no_grad()
     def after_eval_iteration(self, strategy: Any) -> None:
         out, y = strategy.mb_output, strategy.mb_y

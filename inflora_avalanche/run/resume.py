@@ -19,13 +19,15 @@ STREAM_KEYS = ("name", "num_classes", "n_experiences", "class_order", "train_siz
 
 
 def backbone_fingerprint(model: Any) -> float:
-    """A float64 sum of the frozen backbone's parameters outside the adapted ``qkv`` layers (which InfLoRA changes),
-    taken on the fresh model: tells whether a checkpoint was made on the same backbone weights."""
+    """A float64 sum of the frozen backbone's parameters outside the adapted layers (whose weights InfLoRA changes:
+    ``is_trained_parameter``), taken on the fresh model: tells whether a checkpoint was made on the same backbone
+    weights."""
     inner = inner_model(model)
     backbone = getattr(inner, "backbone", inner)
+    trained = getattr(inner, "is_trained_parameter", lambda name: False)
     total = torch.zeros((), dtype=torch.float64)
     for name, param in backbone.named_parameters():
-        if ".attn.qkv." not in name:
+        if not trained(name):
             total += param.detach().to("cpu", torch.float64).sum()
     return float(total)
 
