@@ -152,6 +152,15 @@ def test_inflora_b5_needs_five_blocks_and_says_so_otherwise(tmp_path: Path) -> N
     assert deep["seeds"][0]["trainable_params"] == [_branches(10, 5) + TASK_HEAD] * 2
 
 
+def test_inflora_trains_branches_on_the_configured_layers_and_rows(tmp_path: Path) -> None:
+    """``--qkv-rows`` and ``--target-modules`` reach the model: every adapted row of every adapted layer trains
+    rank-wide up-projections (needs an InfLoRAViT that takes both keywords)."""
+    rows = _run(_config("inflora", tmp_path / "qkv", qkv_rows=["q", "k", "v"]))
+    assert rows["seeds"][0]["trainable_params"] == [DEPTH * 3 * WIDTH * 10 + TASK_HEAD] * 2
+    mlp = _run(_config("inflora", tmp_path / "mlp", target_modules=["attn.qkv", "mlp.fc1"]))
+    assert mlp["seeds"][0]["trainable_params"] == [DEPTH * (2 + 4) * WIDTH * 10 + TASK_HEAD] * 2  # fc1: 4 x width
+
+
 # --------------------------------------------------------------------------------------------------- costs
 def test_peak_memory_window_sees_a_new_allocation() -> None:
     """In a fresh process (a long test session's freed memory can be reused without growing the RSS): a 64 MiB

@@ -362,10 +362,133 @@ def test_settings_a_method_does_not_use_are_refused_not_ignored():
         (["--method", "naive", "--optimizer", "sgd"], "naive trains with Adam at a constant rate"),
         (["--method", "naive", "--weight-decay", "0.1"], "--weight-decay only applies"),
         (["--method", "ewc", "--rank", "4"], "--rank only applies"),
-        (["--method", "inflora", "--ewc-lambda", "3"], "--ewc-lambda do not apply to inflora"),
+        (["--method", "inflora", "--ewc-lambda", "3"], "--ewc-lambda only applies to ewc, not inflora"),
     ):
         with pytest.raises(C.ConfigError, match=needle):
             cli.config_from_argv(["--demo", *argv])
     # the same flags through a method that uses them are fine
     assert cli.config_from_argv(["--demo", "--method", "ewc", "--ewc-lambda", "3"])["ewc_lambda"] == 3.0
     assert "diagnostics" in C.RESUME_IDENTITY_KEYS  # its plugin's state is part of the checkpoint
+
+
+# --------------------------------------------------------------------------------------------- capabilities
+def test_methods_declare_named_capabilities():
+    from inflora_avalanche.methods import (CAPABILITIES, DIAGNOSTICS, EXPORT, JOINT, REGISTRY, RESUME, TORCHRUN,
+                                           Method, methods_with)
+
+    inflora_family = ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
+    for capability in (EXPORT, DIAGNOSTICS, TORCHRUN):
+        assert methods_with(capability) == inflora_family
+    assert methods_with(RESUME) == list(REGISTRY) and methods_with(JOINT) == ["joint"]
+    assert all(set(m.capabilities) <= set(CAPABILITIES) for m in REGISTRY.values())
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        Method("x", "finetune:head_model", "finetune:naive_strategy", frozenset({"exprot"}))
+
+
+def test_a_method_without_a_capability_refuses_its_flag_in_one_line(capsys, tmp_path, monkeypatch):
+    from inflora_avalanche.methods import REGISTRY, Method
+
+    owners = "inflora, inflora_b5, inflora_ca, seq_lora"
+    code, err, _ = _main(capsys, "--demo", "--method", "naive", "--out", str(tmp_path / "run"), "--export",
+                         str(tmp_path / "export"))
+    assert code == 2 and "\n" not in err and not (tmp_path / "run").exists()
+    assert "--export" in err and "does not apply to naive" in err and owners in err
+    cli.check_launch(cli.config_from_argv(["--demo", "--export", str(tmp_path / "export")]))  # InfLoRA exports
+
+    with pytest.raises(C.ConfigError, match=f"--diagnostics only applies to {owners}, not lwf: drop it"):
+        cli.config_from_argv(["--demo", "--method", "lwf", "--diagnostics"])
+    assert not cli.config_from_argv(["--demo", "--method", "lwf", "--no-diagnostics"])["diagnostics"]
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(C.ConfigError, match=f"torchrun does not apply to ewc, only to {owners}: run it in one"):
+        cli.check_launch(cli.config_from_argv(["--demo", "--method", "ewc", "--batch-size", "8"]))
+    cli.check_launch(cli.config_from_argv(["--demo", "--batch-size", "8"]))
+    monkeypatch.delenv("WORLD_SIZE")
+
+    # a method registered without "resume" refuses --resume, naming the methods that have it
+    monkeypatch.setitem(REGISTRY, "no_resume", Method("no_resume", "finetune:head_model", "finetune:naive_strategy",
+                                                      frozenset()))
+    config = {**cli.config_from_argv(["--demo", "--method", "naive"]), "method": "no_resume", "resume": True}
+    with pytest.raises(C.ConfigError) as err:
+        cli.check_launch(config)
+    assert "--resume does not apply to no_resume, only to inflora, " in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------- method settings
+def _help(tmp_path, *argv, command="run"):
+    proc = subprocess.run([sys.executable, "-m", "inflora_avalanche", command, "--help", *argv], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return " ".join(proc.stdout.split())  # unwrapped
+
+
+def test_help_shows_the_chosen_methods_own_settings(tmp_path):
+    inflora = _help(tmp_path)  # the default preset's method
+    assert "settings of inflora" in inflora and "capabilities: diagnostics, export, resume" in inflora
+    for flag in ("--rank", "--lamb", "--target-modules", "--qkv-rows", "--weight-decay"):
+        assert flag in inflora
+    assert "--ewc-lambda" not in inflora and "--backbone-lr" not in inflora and "--l2p-top-k" not in inflora
+
+    probe = _help(tmp_path, "--method", "linear_probe")
+    assert "settings of linear_probe" in probe and "no settings of its own" in probe
+    for flag in ("--rank", "--target-modules", "--qkv-rows", "--lamb", "--ewc-lambda", "--backbone-lr"):
+        assert flag not in probe
+    assert "--lr " in probe and "--epochs" in probe and "--benchmark" in probe  # the common settings stay
+
+    ewc = _help(tmp_path, "--method", "ewc")
+    assert "--ewc-lambda" in ewc and "--backbone-lr" in ewc and "--rank" not in ewc and "--lwf-alpha" not in ewc
+
+    compare = _help(tmp_path, command="compare")  # runs every method: every section, each naming its methods
+    assert "InfLoRA settings (methods: inflora, inflora_b5, inflora_ca, seq_lora)" in compare
+    assert "EWC settings (methods: ewc)" in compare and "--l2p-top-k" in compare and "--qkv-rows" in compare
+
+
+def test_method_settings_are_declared_by_the_methods():
+    from inflora_avalanche.methods import REGISTRY, setting_owners
+
+    own = {f.name for m in REGISTRY.values() for f in m.fields}
+    assert {f.name for f in C.FIELDS} == {f.name for f in C.COMMON_FIELDS} | own and len(C.FIELDS) == len(C.FIELD_BY_NAME)
+    assert not {f.name for f in C.COMMON_FIELDS} & own
+    assert {f.name for f in REGISTRY["inflora"].fields} >= {"rank", "lamb", "target_modules", "qkv_rows"}
+    assert setting_owners("qkv_rows") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
+    assert setting_owners("ewc_lambda") == ["ewc"] and setting_owners("lr") is None  # lr: common
+    assert all(f.group == "method" for m in REGISTRY.values() for f in m.fields)  # a preset's apply to its method
+    assert {"target_modules", "qkv_rows"} <= C.RESUME_IDENTITY_KEYS
+
+
+def test_target_modules_and_qkv_rows_are_checked_once_and_reach_the_model(monkeypatch):
+    config = cli.config_from_argv(["--demo"])
+    assert config["target_modules"] == ["attn.qkv"] and config["qkv_rows"] == ["k", "v"]
+    config = cli.config_from_argv(["--demo", "--target-modules", "attn.qkv", "mlp.fc1", "--qkv-rows", "v", "q"])
+    assert config["target_modules"] == ["attn.qkv", "mlp.fc1"] and config["qkv_rows"] == ["q", "v"]  # weight order
+    assert cli.config_from_argv(["--demo", "--target-modules", "all-linear"])["target_modules"] == ["all-linear"]
+    assert cli.config_from_argv(["--demo", "--method", "seq_lora", "--qkv-rows", "q"])["qkv_rows"] == ["q"]
+    for argv, needle in (
+        (["--qkv-rows", "k", "x"], "qkv_rows .*takes names among q, k, v, got 'x'; set it with --qkv-rows"),
+        (["--qkv-rows", "K"], "takes names among q, k, v, got 'K'"),
+        (["--qkv-rows", "k", "k"], "--qkv-rows names a row twice"),
+        (["--set", "qkv_rows=[]"], "qkv_rows .*must be a list of names"),
+        (["--target-modules", "mlp.fc1", "mlp.fc1"], "--target-modules names a module twice"),
+        (["--target-modules", "all-linear", "mlp.fc1"], "all-linear already takes every linear layer"),
+        (["--target-modules", "."], "module names relative to a block"),
+        (["--method", "naive", "--qkv-rows", "q"], "--qkv-rows only applies to inflora, inflora_b5, inflora_ca, "
+                                                   "seq_lora, not naive"),
+    ):
+        with pytest.raises(C.ConfigError, match=needle) as err:
+            cli.config_from_argv(["--demo", *argv])
+        assert "\n" not in str(err.value)
+
+    import inflora_avalanche.methods.inflora as I
+
+    seen = {}
+
+    class Model:
+        def __init__(self, name, **kwargs):
+            seen.clear()
+            seen.update(kwargs)
+
+    monkeypatch.setattr(I, "InfLoRAViT", Model)
+    I.build_model(cli.config_from_argv(["--demo", "--target-modules", "mlp.fc1", "--qkv-rows", "q", "k", "v"]))
+    assert seen["target_modules"] == ["mlp.fc1"] and seen["qkv_rows"] == ["q", "k", "v"]
+    I.build_model(cli.config_from_argv(["--demo"]))  # the reference's layers: the model's own defaults
+    assert seen.get("target_modules", ["attn.qkv"]) == ["attn.qkv"] and seen.get("qkv_rows", ["k", "v"]) == ["k", "v"]

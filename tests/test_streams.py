@@ -239,3 +239,85 @@ def test_tiny_imagenet_folder_stream():
     assert len(test) == 10 * 40 and len(train) == 10 * 160
     assert folder_split(root / "train", classes=10, split_seed=1)[2] == test
     assert {name: (root / "train" / name).stat().st_mtime_ns for name in top} == mtimes
+
+
+# --------------------------------------------------------------------------------------------- the registry
+def _stream_config(name, **overrides):
+    from inflora_avalanche.run import presets as P
+
+    return P.layered_config("demo_digits", overrides={"benchmark": name, "n_experiences": 5,
+                                                      "demo": False, **overrides})
+
+
+def test_every_registered_stream_builds_or_is_refused_consistently(tmp_path):
+    import importlib
+
+    from inflora_avalanche import streams as S
+    from inflora_avalanche.run import build
+    from inflora_avalanche.run.config import ConfigError
+    from inflora_avalanche.run.output import trained_data_config
+
+    for name, stream in S.REGISTRY.items():
+        module, function = stream.builder.split(":")
+        assert callable(getattr(importlib.import_module(f"inflora_avalanche.streams.{module}"), function)), name
+        assert stream.data_root in ("required", "optional", "unused") and stream.data and stream.label
+        if stream.script is not None:  # an experiment script's default preset runs this stream
+            from inflora_avalanche.run import presets as P
+
+            assert P.load_preset(stream.script.default_preset)["benchmark"] == name
+            assert set(stream.script.also_accepts) <= set(S.REGISTRY)
+        empty = tmp_path / name
+        empty.mkdir()
+        assert trained_data_config(_stream_config(name, data_root=str(empty)))["crop_pct"] == stream.crop_pct
+        if stream.data_root == "required":
+            with pytest.raises(ConfigError, match=f"the {name} stream needs --data-root"):
+                _stream_config(name)
+            with pytest.raises(DataUnavailableError) as err:
+                build.build_stream(_stream_config(name, data_root=str(empty)))
+            assert "\n" not in str(err.value) and ("--data-root" in str(err.value) or "data root" in str(err.value))
+        elif stream.data_root == "optional":  # CIFAR-100: a folder or a download
+            with pytest.raises(DataUnavailableError, match="cifar-100-python"):
+                build.build_stream(_stream_config(name, data_root=str(empty), download=False))
+        else:
+            bench, info = build.build_stream(_stream_config(name))
+            assert len(bench.train_stream) == 5 and info.n_experiences == 5
+            if stream.num_classes is not None:
+                assert info.num_classes == stream.num_classes
+        if stream.num_classes is not None:
+            with pytest.raises(ConfigError, match=f"the {stream.num_classes} classes of {name} cannot be split"):
+                _stream_config(name, n_experiences=7, data_root=str(empty))
+
+
+def test_a_new_registry_entry_is_a_stream_everywhere(monkeypatch, tmp_path):
+    from inflora_avalanche import streams as S
+    from inflora_avalanche.run import build, cli
+    from inflora_avalanche.run import presets as P
+    from inflora_avalanche.run.config import ConfigError
+
+    monkeypatch.setitem(S.REGISTRY, "fake", S.Stream("fake", "digits:from_config", "fake digits", "nothing to prepare",
+                                                     num_classes=10, crop_pct=0.5))
+    parser = cli.run_parser(None, P.merge_layers("demo_digits"), "run")
+    benchmark = next(a for a in parser._actions if "--benchmark" in a.option_strings)
+    assert "fake" in benchmark.choices and "fake" in parser.format_help()
+    config = cli.config_from_argv(["--preset", "demo_digits", "--benchmark", "fake"])
+    bench, info = build.build_stream(config)
+    assert info.num_classes == 10 and len(bench.train_stream) == 5
+    from inflora_avalanche.run.output import trained_data_config
+
+    assert trained_data_config(config)["crop_pct"] == 0.5
+    with pytest.raises(ConfigError, match="the 10 classes of fake cannot be split evenly into 3"):
+        cli.config_from_argv(["--preset", "demo_digits", "--benchmark", "fake", "--n-experiences", "3"])
+    monkeypatch.delitem(S.REGISTRY, "fake")
+    with pytest.raises(ConfigError, match="benchmark .*must be one of split_cifar100, imagenet_r, domainnet, folder, "
+                                          "digits, synthetic, got 'fake'"):
+        P.layered_config("demo_digits", overrides={"benchmark": "fake"})
+
+
+def test_the_stream_registry_is_torch_free():
+    import subprocess
+    import sys
+
+    probe = ("import sys, inflora_avalanche.streams as S; S.get_stream('folder'); "
+             "print(sorted(m for m in ('torch', 'timm', 'avalanche') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

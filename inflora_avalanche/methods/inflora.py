@@ -48,7 +48,8 @@ def model_errors(config: dict) -> Iterator[None]:
 
 def build_model(config: dict, info: Any = None) -> InfLoRAViT:
     """The :class:`InfLoRAViT` of ``config`` for the stream ``info`` (its number of classes): timm backbone (local
-    ``weights``, timm's pretrained or random), rank, adapted blocks, and the optional fresh final LayerNorm."""
+    ``weights``, timm's pretrained or random), rank, adapted blocks, the adapted layers (``target_modules``) and rows
+    of a fused qkv (``qkv_rows``), and the optional fresh final LayerNorm."""
     num_classes = None if info is None else info.num_classes
     kwargs = backbone_kwargs(config)
     weights = Path(config["weights"]).expanduser() if config["weights"] else None
@@ -57,6 +58,7 @@ def build_model(config: dict, info: Any = None) -> InfLoRAViT:
             config["backbone"],
             rank=config["rank"],
             adapted_blocks=config["adapted_blocks"],
+            **adapted_layers(config),
             pretrained=bool(config["pretrained"]) and weights is None,
             checkpoint_path=weights,
             num_classes=num_classes,
@@ -65,6 +67,16 @@ def build_model(config: dict, info: Any = None) -> InfLoRAViT:
     if config["reset_final_norm"]:
         reset_final_norm(model)
     return model
+
+
+def adapted_layers(config: dict) -> dict:
+    """``target_modules`` and ``qkv_rows`` for :class:`InfLoRAViT`, passed only where they differ from the reference's
+    (key and value rows of ``attn.qkv``), which are also the model's defaults.
+
+    Transitional: once every ``InfLoRAViT`` takes both keywords this becomes
+    ``{"target_modules": config["target_modules"], "qkv_rows": config["qkv_rows"]}``."""
+    reference = {"target_modules": ["attn.qkv"], "qkv_rows": ["k", "v"]}
+    return {key: config[key] for key, value in reference.items() if list(config[key]) != value}
 
 
 def reset_final_norm(model: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .. import distributed as ddp
-from ..streams import DataUnavailableError, ImageLoadError, StreamInfo
+from ..streams import DataUnavailableError, ImageLoadError, StreamInfo, get_stream
 from .config import ConfigError
 
 
@@ -35,39 +35,16 @@ def check_environment(config: dict) -> None:
 
 def build_stream(config: dict, out_dir: Optional[Path] = None) -> tuple[Any, StreamInfo]:
     """The Avalanche benchmark and its :class:`StreamInfo` for ``config``; a seeded split's manifest goes to ``out_dir``."""
-    from .. import streams as S
-
-    name = config["benchmark"]
-    root = Path(config["data_root"]).expanduser() if config["data_root"] else None
-    norm = {"resolution": config["resolution"], "normalize": config["normalize"]}
-    norm.update({k: config[k] for k in ("mean", "std") if config[k] is not None})
-    order = config["class_order"]
-    n = config["n_experiences"]
+    stream = get_stream(config["benchmark"])
     manifest = None
-    if out_dir is not None and name in ("imagenet_r", "folder") and config["split_manifest"] is None:
-        manifest = Path(out_dir) / f"{name}_split_seed{config['split_seed']}.json"
-    split_manifest = Path(config["split_manifest"]).expanduser() if config["split_manifest"] else None
+    if out_dir is not None and stream.split_manifest and config["split_manifest"] is None:
+        manifest = Path(out_dir) / f"{stream.name}_split_seed{config['split_seed']}.json"
     try:
-        if name == "split_cifar100":
-            return S.split_cifar100(root or Path("data"), n, order, download=config["download"],
-                                    device_augment=bool(config["device_augment"]), **norm)
-        if name == "imagenet_r":
-            return S.split_imagenet_r(root, n, config["split_seed"], manifest, split_manifest, order,
-                                      config["test_fraction"], **norm)
-        if name == "domainnet":
-            domains = config["domains"] or S.DOMAINNET_DOMAINS
-            return S.split_domainnet(root, n, domains, order, **norm)
-        if name == "folder":
-            return S.folder_benchmark(root, n, config["classes"], order, config["test_fraction"], config["split_seed"],
-                                      manifest, split_manifest, config["max_train_per_class"],
-                                      config["max_test_per_class"], **norm)
-        if name == "synthetic":
-            return S.split_synthetic(n, config["classes"], config["resolution"], order,
-                                     config["max_train_per_class"], config["max_test_per_class"])
-        return S.split_digits(n, config["resolution"], order)
+        return stream.build(config, manifest)
     except DataUnavailableError as err:
         text = str(err)
-        if name != "split_cifar100" and "--data-root" not in text and ("does not exist" in text or "no class" in text):
+        if (stream.data_root == "required" and "--data-root" not in text
+                and ("does not exist" in text or "no class" in text)):
             raise DataUnavailableError(f"{text}; point --data-root at the folder that holds the images") from None
         raise
     except ImageLoadError:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 from ..results import average_forgetting, mean_std
 from . import config as C
 from . import presets as P
-from .cli import PROG, Parser, _first_pass, _help_defaults, _overrides, add_field_flags, fail
+from .options import PROG, Parser, add_field_flags, check_launch, fail, first_pass, help_defaults, overrides_from
 
 METRICS = ("A_last", "A_avg", "forgetting", "trainable_params", "train_time_s", "peak_memory_mb")
 METRIC_HEADERS = {
@@ -143,10 +143,10 @@ def compare_parser(defaults: dict) -> Parser:
 
 def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
     """Parse ``compare``'s arguments; one validated config per method, each writing into ``OUT/<method>``."""
-    first = _first_pass(argv, DEFAULT_PRESET)
+    first = first_pass(argv, DEFAULT_PRESET)
     preset = first.preset or DEFAULT_PRESET
-    args = compare_parser(_help_defaults(preset, None)).parse_args(list(argv))
-    overrides = _overrides(args)
+    args = compare_parser(help_defaults(preset, None)).parse_args(list(argv))
+    overrides = overrides_from(args)
     if "out" not in overrides or not overrides["out"]:
         raise C.ConfigError("compare needs --out: the folder for every method's run and the table")
     unknown = [m for m in args.methods if m not in P.list_method_presets()]
@@ -197,8 +197,6 @@ def _run_here(config: dict) -> tuple[int, str]:
 def compare_main(argv: Sequence[str]) -> int:
     try:
         args, configs = method_configs(argv)
-        from .cli import check_launch
-
         for config in configs.values():
             check_launch(config)
     except C.ConfigError as err:

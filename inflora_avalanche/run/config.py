@@ -1,4 +1,6 @@
-"""The one config schema of the runner: every setting, its type, default, help, and what it means for resume.
+"""The runner's config schema: the common settings (stream, model, budget, where and how) and every method's own
+(declared with the method, :mod:`inflora_avalanche.methods.settings`): each setting's type, default, help, and what it
+means for resume.
 
 The command-line flags (``--<key-with-dashes>``), the defaults shown by ``--help``, the validation and the resume
 identity are all derived from :data:`FIELDS`; :mod:`.presets` layers presets over it. Torch-free on purpose:
@@ -7,46 +9,16 @@ identity are all derived from :data:`FIELDS`; :mod:`.presets` layers presets ove
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
-BENCHMARKS = ("split_cifar100", "imagenet_r", "domainnet", "folder", "digits", "synthetic")
-FIXED_CLASS_COUNTS = {"split_cifar100": 100, "digits": 10}
+from typing import Any, Optional
 
-
-class ConfigError(ValueError):
-    """A mistake in the presets or options; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Field:
-    """One setting. ``kind``: int, float, bool, str (non-empty), text, choice, ints, floats, strs, json, path,
-    int_or_ints, int_or_strs.
-
-    ``resume``: ``"identity"`` (a checkpoint made with another value is refused), ``"free"`` (may change freely
-    between a run and its resume: does not change what is computed) or ``"warn"`` (allowed, reported as a change).
-    """
-
-    name: str
-    kind: str
-    default: Any
-    help: str
-    group: str = "run"
-    choices: tuple = ()
-    minimum: Optional[float] = None
-    nullable: bool = False
-    resume: str = "warn"
-    aliases: tuple = ()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
+from .. import streams as S
+from ..methods import DIAGNOSTICS, EXPORT, REGISTRY, SCHEDULES, methods_with, setting_groups, setting_owners
+from ..schema import KIND_CHECKS, ConfigError, Field, check_value, names  # noqa: F401  (re-exported)
 
 _F = Field
-FIELDS: tuple[Field, ...] = (
+COMMON_FIELDS: tuple[Field, ...] = (
     # ------------------------------------------------------------------ what runs
     _F("method", "str", "inflora", "method to run (see `inflora-avalanche presets`)", resume="identity"),
     _F("description", "text", "", "free text shown in the summary", resume="free"),
@@ -55,10 +27,10 @@ FIELDS: tuple[Field, ...] = (
        resume="free"),
     _F("published", "json", {}, "published figures shown next to ours in the summary", resume="free"),
     # ------------------------------------------------------------------ data stream
-    _F("benchmark", "choice", "split_cifar100", "data stream", group="stream", choices=BENCHMARKS,
+    _F("benchmark", "choice", S.DEFAULT_STREAM, "data stream", group="stream", choices=S.stream_names,
        resume="identity"),
-    _F("data_root", "path", None, "data folder (CIFAR-100: holds cifar-100-python/; ImageNet-R: the 200 class "
-       "folders; DomainNet: the domains and <domain>_train.txt lists; folder: root/<class>/ or root/train|val/<class>/)",
+    _F("data_root", "path", None, "data folder (" + "; ".join(s.data for s in S.REGISTRY.values()
+                                                               if s.data_root != "unused") + ")",
        group="stream", nullable=True, resume="free"),
     _F("download", "bool", True, "download CIFAR-100 when it is missing", group="stream", resume="free"),
     _F("n_experiences", "int", 10, "number of experiences (tasks)", group="stream", minimum=1, resume="identity",
@@ -97,27 +69,6 @@ FIELDS: tuple[Field, ...] = (
        "timm's download", group="model", nullable=True, resume="free"),
     _F("backbone_kwargs", "json", {}, "JSON object passed to timm.create_model (e.g. {\"dynamic_img_size\": true})",
        group="model", resume="identity"),
-    # ------------------------------------------------------------------ method hyper-parameters
-    _F("rank", "int", 10, "InfLoRA: rank of each task's branches", group="method", minimum=1, resume="identity"),
-    _F("adapted_blocks", "int_or_ints", None, "InfLoRA: blocks with branches (N = the first N; a list of indices; "
-       "default all)", group="method", nullable=True, resume="identity"),
-    _F("reset_final_norm", "bool", False, "replace the backbone's final LayerNorm by a fresh one (InfLoRA+CA)",
-       group="method", resume="identity"),
-    _F("lamb", "float", 0.95, "InfLoRA: threshold of the first task (eps_t = lamb + (lame - lamb) t / T)",
-       group="method", resume="identity"),
-    _F("lame", "float", 1.0, "InfLoRA: threshold of the last task", group="method", resume="identity"),
-    _F("memory", "choice", "dualgpm", "InfLoRA: subspace memory", group="method", choices=("dualgpm", "gpm"),
-       resume="identity"),
-    _F("classifier_alignment", "json", None, "InfLoRA+CA: ClassifierAlignmentPlugin settings (JSON object; {} = "
-       "its defaults)", group="method", nullable=True, resume="identity"),
-    _F("ewc_lambda", "float", 1e4, "EWC: penalty weight", group="method", minimum=0),
-    _F("ewc_mode", "choice", "separate", "EWC: Avalanche's mode", group="method", choices=("separate", "online")),
-    _F("lwf_alpha", "float", 1.0, "LwF: distillation weight", group="method", minimum=0),
-    _F("lwf_temperature", "float", 2.0, "LwF: distillation temperature", group="method", minimum=0),
-    _F("l2p_pool_size", "int", 10, "L2P: prompt pool size", group="method", minimum=1, resume="identity"),
-    _F("l2p_prompt_length", "int", 5, "L2P: tokens per prompt", group="method", minimum=1, resume="identity"),
-    _F("l2p_top_k", "int", 5, "L2P: prompts selected per image", group="method", minimum=1, resume="identity"),
-    _F("l2p_sim_coefficient", "float", 0.1, "L2P: weight of the key-matching loss", group="method", minimum=0),
     # ------------------------------------------------------------------ optimisation
     _F("optimizer", "choice", "adam", "optimiser (rebuilt for every experience)", group="method",
        choices=("adam", "sgd")),
@@ -125,20 +76,13 @@ FIELDS: tuple[Field, ...] = (
        group="method", minimum=0),
     _F("head_lr", "float", None, "learning rate of the classifier head (default: --lr)", group="method", minimum=0,
        nullable=True),
-    _F("backbone_lr", "float", None, "full fine-tuning methods: learning rate of the backbone", group="method",
-       minimum=0, nullable=True),
     _F("lr_reference_batch", "int", None, "scale every learning rate by batch_size / this (the linear scaling "
        "rule; L2P's lr is given for batch 256)", group="method", minimum=1, nullable=True),
     _F("lr_scale", "float", 1.0, "multiply every learning rate (the same factor for all methods of a comparison)",
        group="training", minimum=0),
-    _F("betas", "floats", [0.9, 0.999], "Adam betas", group="method"),
-    _F("momentum", "float", 0.9, "SGD momentum", group="method", minimum=0),
-    _F("weight_decay", "float", 0.0, "weight decay", group="method", minimum=0),
     _F("lr_schedule", "choice", "cosine", "per-epoch schedule: cosine (the reference's CosineSchedule), annealing "
        "(torch's CosineAnnealingLR), step (x gamma at each milestone) or constant", group="method",
        choices=("cosine", "annealing", "step", "constant")),
-    _F("milestones", "ints", [], "epochs at which the step schedule multiplies the lr by gamma", group="method"),
-    _F("gamma", "float", 0.1, "factor of the step schedule", group="method", minimum=0),
     _F("epochs", "int", 20, "training epochs per experience", group="training", minimum=1),
     _F("batch_size", "int", 128, "training minibatch size (global under torchrun)", group="training", minimum=1),
     _F("eval_batch_size", "int", None, "evaluation minibatch size (default: --batch-size)", group="training",
@@ -161,11 +105,15 @@ FIELDS: tuple[Field, ...] = (
     _F("resume", "bool", False, "continue the run in --out from its checkpoint (written after every experience)",
        resume="free"),
     _F("export", "path", None, "after every experience, write the merged model as a timm folder "
-       "DIR/seed<N>/after_exp<t>/ (model.safetensors + config.json; InfLoRA methods)", nullable=True, resume="free"),
+       "DIR/seed<N>/after_exp<t>/ (model.safetensors + config.json; methods: " + ", ".join(methods_with(EXPORT)) + ")",
+       nullable=True, resume="free"),
     _F("progress", "bool", None, "progress bars (default: only when the output is a terminal)", nullable=True,
        resume="free"),
-    _F("diagnostics", "bool", True, "subspace diagnostics per layer and task (InfLoRA methods)", resume="identity"),
+    _F("diagnostics", "bool", True, "subspace diagnostics per layer and task (methods: "
+       + ", ".join(methods_with(DIAGNOSTICS)) + ")", resume="identity"),
 )
+#: Every setting a config holds: the common ones, then each method's own (group "method").
+FIELDS: tuple[Field, ...] = COMMON_FIELDS + tuple(f for g in setting_groups() for f in g.fields)
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS}
 METHOD_KEYS = frozenset(f.name for f in FIELDS if f.group == "method")
@@ -176,54 +124,6 @@ RESUME_FREE_KEYS = frozenset(f.name for f in FIELDS if f.resume == "free")
 # --------------------------------------------------------------------------------------------------- values
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_KIND_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "int": (_is_int, "an integer"),
-    "float": (_is_number, "a number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "text": (lambda v: isinstance(v, str), "a string"),
-    "path": (lambda v: isinstance(v, str) and v != "", "a path"),
-    "choice": (lambda v: isinstance(v, str), "one of the choices"),
-    "ints": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
-    "floats": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v), "a list of numbers"),
-    "strs": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v), "a list of names"),
-    "json": (lambda v: isinstance(v, dict), "a JSON object"),
-    "int_or_ints": (lambda v: _is_int(v) or (isinstance(v, list) and v and all(_is_int(x) for x in v)),
-                    "an integer or a list of integers"),
-    "int_or_strs": (lambda v: _is_int(v) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
-                    "an integer or a list of names"),
-}
-
-
-def check_value(field: Field, value: Any, where: str) -> None:
-    """Type, choices, finiteness and lower bound of one value; raises :class:`ConfigError` naming the flag."""
-    if value is None:
-        if not field.nullable:
-            raise ConfigError(f"{field.name} ({where}) must be set, got null")
-        return
-    if field.kind == "choice" and field.name == "train_shuffle" and isinstance(value, bool):
-        return  # presets may write true/false for the shuffle switch
-    check, what = _KIND_CHECKS[field.kind]
-    if not check(value):
-        raise ConfigError(f"{field.name} ({where}) must be {what}, got {value!r}; set it with {field.flag}")
-    if field.choices and value not in field.choices:
-        raise ConfigError(f"{field.name} ({where}) must be one of {', '.join(field.choices)}, got {value!r}")
-    if field.kind in ("float", "floats"):
-        numbers = value if isinstance(value, list) else [value]
-        if not all(math.isfinite(x) for x in numbers):
-            raise ConfigError(f"{field.name} ({where}) must be a finite number, got {value!r}; set it with "
-                              f"{field.flag}")
-    if field.minimum is not None:
-        numbers = value if isinstance(value, list) else [value]
-        low = [x for x in numbers if _is_number(x) and x < field.minimum]
-        if low:
-            raise ConfigError(f"{field.name} ({where}) must be >= {field.minimum:g}, got {value!r}")
 
 
 def check_values(values: dict, where: str) -> None:
@@ -269,19 +169,18 @@ def validate_config(config: dict) -> dict:
         _check(c[key] is None or len(c[key]) == 3, f"{key} must be 3 numbers, got {c[key]!r}")
     _check(len(c["betas"]) == 2 and all(0 <= b < 1 for b in c["betas"]), "betas must be 2 numbers in [0, 1)")
     _check(0 < c["test_fraction"] < 1, f"test_fraction must be in (0, 1), got {c['test_fraction']}")
-    _check(0 < c["lamb"] <= 1, f"lamb must be in (0, 1], got {c['lamb']}; the paper uses 0.95 (CIFAR-100) or 0.98 "
-           "(ImageNet-R)")
-    _check(0 < c["lame"] <= 1, f"lame must be in (0, 1], got {c['lame']}; the paper uses 1.0")
-    _check(c["lame"] >= c["lamb"], f"lame ({c['lame']}) must be >= lamb ({c['lamb']}): the threshold grows from lamb "
-           "to lame over tasks")
+    for group in setting_groups():  # every method's own rules (the config holds every method's settings)
+        if group.check is not None:
+            group.check(c)
+    stream = S.get_stream(c["benchmark"])
     if c["classes"] is not None or c["max_train_per_class"] or c["max_test_per_class"]:
-        _check(c["benchmark"] in ("folder", "synthetic"), "classes / max_train_per_class / max_test_per_class only "
-               "apply to folder and synthetic streams")
+        _check(stream.subsets, "classes / max_train_per_class / max_test_per_class only apply to "
+               f"{names(S.streams_where(lambda s: s.subsets))} streams")
     if _is_int(c["classes"]):
         _check(c["classes"] >= 1, f"classes must be positive, got {c['classes']}")
         _check(c["classes"] % c["n_experiences"] == 0,
                f"{c['classes']} classes cannot be split evenly into {c['n_experiences']} experiences")
-    if c["benchmark"] in ("imagenet_r", "domainnet", "folder"):
+    if stream.data_root == "required":
         _check(bool(c["data_root"]), f"the {c['benchmark']} stream needs --data-root (the folder that holds the images)")
     for key in ("weights", "split_manifest"):
         if c[key] is not None:
@@ -289,7 +188,7 @@ def validate_config(config: dict) -> dict:
             _check(not path.is_dir(), f"--{key.replace('_', '-')} {c[key]} is a folder; give the file")
             _check(path.is_file(), f"--{key.replace('_', '-')} {c[key]}: no such file")
     check_input_size(c)
-    known = FIXED_CLASS_COUNTS.get(c["benchmark"])
+    known = stream.num_classes
     if known is not None:
         _check(known % c["n_experiences"] == 0,
                f"the {known} classes of {c['benchmark']} cannot be split evenly into {c['n_experiences']} experiences; "
@@ -298,9 +197,9 @@ def validate_config(config: dict) -> dict:
         _check(c["classes"] >= 2, "classes: 1 class in all, but class-incremental learning needs at least two")
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
-    _check(not (c["device_augment"] and c["benchmark"] != "split_cifar100"),
-           "device_augment is for Split CIFAR-100 (decoded uint8 tensors); folder streams decode in DataLoader "
-           "workers: drop --device-augment")
+    _check(not (c["device_augment"] and not stream.device_augment),
+           f"device_augment is for {names(S.REGISTRY[n].label for n in S.streams_where(lambda s: s.device_augment))} "
+           "(decoded uint8 tensors); folder streams decode in DataLoader workers: drop --device-augment")
     return config
 
 
@@ -344,40 +243,41 @@ def check_conflicts(config: dict, explicit: set) -> None:
         raise ConfigError(f"--betas apply to --optimizer adam, not {config['optimizer']}: drop one of them")
 
 
-# settings only the fine-tuning / prompt baselines read, and those of the InfLoRA optimiser they do not
-BASELINE_ONLY = ("backbone_lr", "ewc_lambda", "ewc_mode", "lwf_alpha", "lwf_temperature", "l2p_pool_size",
-                 "l2p_prompt_length", "l2p_top_k", "l2p_sim_coefficient")
-SCHEDULE_AND_SGD = ("weight_decay", "betas", "momentum", "milestones", "gamma")
-INFLORA_ONLY = ("rank", "adapted_blocks", "lamb", "lame", "memory", "classifier_alignment", "reset_final_norm")
-
-
 def check_method_settings(config: dict, explicit: set) -> None:
-    """``run``: settings given on the command line that the chosen method does not use are refused, not ignored
-    (``compare`` passes every flag to every method, and each takes what it uses)."""
-    from ..methods import REGISTRY
-
+    """``run``: settings given on the command line that the chosen method does not read (another method's own
+    settings, or a flag of a capability it lacks) are refused, not ignored (``compare`` passes every flag to every
+    method, and each takes what it uses)."""
     method = REGISTRY.get(config["method"])
     if method is None:
         return
-    if method.inflora:
-        used = {k for k in BASELINE_ONLY if k in explicit}
-        if used:
-            flags = ", ".join(FIELD_BY_NAME[k].flag for k in sorted(used))
-            raise ConfigError(f"{flags} do not apply to {config['method']}: drop {flags}")
-        return
-    check_plain_training(config)
-    used = {k for k in INFLORA_ONLY + SCHEDULE_AND_SGD if k in explicit}
-    if "diagnostics" in explicit and config["diagnostics"]:
-        used.add("diagnostics")
-    if used:
-        flags = ", ".join(FIELD_BY_NAME[k].flag for k in sorted(used))
-        raise ConfigError(f"{flags} only appl{'ies' if len(used) == 1 else 'y'} to the InfLoRA methods, not "
-                          f"{config['method']}: drop {'it' if len(used) == 1 else 'them'}")
+    if not method.has(SCHEDULES):
+        check_plain_training(config)
+    foreign: dict[str, list] = {}
+    for key in sorted(explicit & set(FIELD_BY_NAME)):
+        owners = setting_owners(key)
+        if owners is not None and config["method"] not in owners:
+            foreign.setdefault(", ".join(owners), []).append(FIELD_BY_NAME[key].flag)
+    if "diagnostics" in explicit and config["diagnostics"] and not method.has(DIAGNOSTICS):
+        foreign.setdefault(", ".join(methods_with(DIAGNOSTICS)), []).append("--diagnostics")
+    if len(foreign) == 1:
+        (owners, flags), = foreign.items()
+        raise ConfigError(f"{', '.join(flags)} only appl{'ies' if len(flags) == 1 else 'y'} to {owners}, not "
+                          f"{config['method']}: drop {'it' if len(flags) == 1 else 'them'}")
+    if foreign:
+        each = "; ".join(f"{', '.join(flags)} only to {owners}" for owners, flags in foreign.items())
+        raise ConfigError(f"these settings do not apply to {config['method']} ({each}): drop them")
+
+
+def check_capability(method: str, capability: str, what: str, fix: str) -> None:
+    """Refuse ``what`` in one line when ``method`` lacks ``capability``, naming the methods that have it."""
+    if not REGISTRY[method].has(capability):
+        raise ConfigError(f"{what} does not apply to {method}, only to {', '.join(methods_with(capability))}: {fix}")
 
 
 def check_plain_training(config: dict) -> None:
-    """The fine-tuning and prompt baselines train with a constant-rate Adam; other optimiser settings are refused,
-    not ignored (at the command line, and again where their strategies are built)."""
+    """Methods without the ``schedules`` capability (the fine-tuning and prompt baselines) train with a constant-rate
+    Adam; other optimiser settings are refused, not ignored (at the command line, and again where their strategies
+    are built)."""
     if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
         raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
                           f"(got {config['optimizer']}, {config['lr_schedule']})")

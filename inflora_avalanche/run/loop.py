@@ -19,12 +19,12 @@ import torch
 
 from .. import distributed as ddp
 from ..checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..methods import get_method
+from ..methods import DIAGNOSTICS, JOINT, get_method
 from ..backbone import WeightsUnavailableError
 from ..results import aggregate, format_summary, joint_result, seed_result
 from ..streams import StreamInfo
 from . import build as B
-from .config import validate_config
+from .config import DEFAULTS, RESUME_FREE_KEYS, validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
 from .output import (OutputLock, check_export_dir, discard_new_entries, export_experience, make_folders,
@@ -54,8 +54,9 @@ def _fixed_order(experience: Any, seed: int, t: int) -> Any:
 
 
 def standard_plugins(config: dict, seed_dir: Optional[Path]) -> list:
-    """Plugins every run gets from its config: the subspace diagnostics (InfLoRA methods, unless switched off)."""
-    if not config["diagnostics"] or not get_method(config["method"]).inflora:
+    """Plugins every run gets from its config: the subspace diagnostics (methods that have them, unless switched
+    off)."""
+    if not config["diagnostics"] or not get_method(config["method"]).has(DIAGNOSTICS):
         return []
     from ..diagnostics import SubspaceDiagnosticsPlugin
 
@@ -83,6 +84,7 @@ def run_seed(
     experiences it holds are skipped.
     """
     method = get_method(config["method"])
+    joint = method.has(JOINT)
     device = B.resolve_device(config)
     gc.collect()
     memory_baseline = reset_peak_memory(device)
@@ -103,7 +105,7 @@ def run_seed(
     train_loader = {**loader, "shuffle": config["train_shuffle"] == "true"}
     test_sizes = [len(exp.dataset) for exp in bench.test_stream]
     T = len(bench.train_stream)
-    steps = [bench.train_stream] if method.joint else list(bench.train_stream)
+    steps = [bench.train_stream] if joint else list(bench.train_stream)
     matrix: list[list[Optional[float]]] = []
     ta_matrix: list[list[Optional[float]]] = []
     extra: dict[str, list] = {"train_time_s": [], "eval_time_s": [], "avalanche_stream_accuracy": [],
@@ -126,19 +128,19 @@ def run_seed(
         for t, experience in enumerate(steps):
             if t < done:
                 continue
-            if fixed_order and not method.joint:
+            if fixed_order and not joint:
                 experience = _fixed_order(experience, seed, t)
             t0 = time.perf_counter()
             strategy.train(experience, **train_loader)
             t1 = time.perf_counter()
-            seen = T if method.joint else t + 1
+            seen = T if joint else t + 1
             metrics = strategy.eval(bench.test_stream[:seen], **loader)
             t2 = time.perf_counter()
             acc, task_aware = experience_accuracies(metrics)
             missing = [j for j in range(seen) if j not in acc or j not in task_aware]
             if missing:
                 raise RuntimeError(f"evaluation produced no accuracy for test experiences {missing}")
-            pad = [None] * (T - seen if method.joint else T - t - 1)
+            pad = [None] * (T - seen if joint else T - t - 1)
             matrix.append([100.0 * acc[j] for j in range(seen)] + pad)
             ta_matrix.append([100.0 * task_aware[j] for j in range(seen)] + pad)
             extra["train_time_s"].append(t1 - t0)
@@ -147,13 +149,13 @@ def run_seed(
             extra["avalanche_stream_forgetting"].append(100.0 * metric_value(metrics, "StreamForgetting/eval_phase/test_stream"))
             extra["trainable_params"].append(counter.per_experience[-1] if counter.per_experience else 0)
             peak, memory_kind = peak_memory_mb(device)
-            summary = joint_result if method.joint else seed_result
+            summary = joint_result if joint else seed_result
             result = summary(matrix, test_sizes, ta_matrix, seed=seed, experiences_done=t + 1,
                              runtime_s=previous_runtime + time.perf_counter() - started, **extra,
                              peak_memory_mb=max(0.0, peak - memory_baseline), memory_kind=memory_kind)
             if seed_dir is not None and ddp.is_main_process():
                 write_json(seed_dir / "metrics.json", result)
-            log(f"[seed {seed}] " + ("joint training on all experiences" if method.joint else
+            log(f"[seed {seed}] " + ("joint training on all experiences" if joint else
                                      f"experience {t + 1}/{T}") +
                 f": A_t {result['A_t'][-1]:.2f}%  task-aware {result['task_aware_A_t'][-1]:.2f}%  "
                 f"(train {t1 - t0:.1f} s, eval {t2 - t1:.1f} s)")
@@ -283,6 +285,9 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
     checkpoint: Optional[dict] = None
     if config["resume"] and has_checkpoint:
         checkpoint = on_all(lambda: load_checkpoint(ckpt_path))
+        # a setting added to the schema after the checkpoint was written ran with its default then
+        checkpoint["config"] = {**{k: v for k, v in DEFAULTS.items() if k not in RESUME_FREE_KEYS},
+                                **checkpoint["config"]}
         changed = on_all(lambda: check_resume(config, info, checkpoint, ckpt_path))
         log(f"resuming from {ckpt_path}: seed {checkpoint['seed']}, {checkpoint['experiences_done']} of "
             f"{info.n_experiences} experiences done")
@@ -301,7 +306,7 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
     started = time.perf_counter()
     seed_results: list[dict] = list(checkpoint["completed"]) if checkpoint else []
     previous_runtime = float(checkpoint.get("runtime_s", 0.0)) if checkpoint else 0.0
-    steps = 1 if get_method(config["method"]).joint else info.n_experiences
+    steps = 1 if get_method(config["method"]).has(JOINT) else info.n_experiences
     results: dict = {}
     for index, seed in enumerate(config["seeds"]):
         resume_state = None

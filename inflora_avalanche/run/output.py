@@ -99,18 +99,10 @@ def export_experience(config: dict, info: Any, strategy: Any, seed: int, t: int)
 
 
 def trained_data_config(config: dict) -> dict:
-    """The preprocessing the run's test data went through, as timm's data config: the paper's presets feed [0, 1]
-    pixels without normalisation, so an export must not announce the backbone's own mean/std."""
-    from ..streams.common import IMAGENET_MEAN, IMAGENET_STD
+    """The preprocessing the run's test data went through, as timm's data config (the stream's, from the registry)."""
+    from ..streams import get_stream
 
-    if config["normalize"]:
-        mean, std = config["mean"] or list(IMAGENET_MEAN), config["std"] or list(IMAGENET_STD)
-    else:
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    resolution = config["resolution"]
-    files = config["benchmark"] in ("imagenet_r", "domainnet", "folder")  # Resize(r * 256 / 224) + CenterCrop(r)
-    return {"input_size": [3, resolution, resolution], "mean": list(mean), "std": list(std),
-            "crop_pct": 224 / 256 if files else 1.0, "interpolation": "bilinear"}
+    return get_stream(config["benchmark"]).data_config(config)
 
 
 LOCK_NAME = ".inflora-run.lock"

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..methods import setting_owners
 from .config import DEFAULTS, METHOD_KEYS, ConfigError, check_conflicts, check_values, validate_config
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -71,9 +72,12 @@ def load_method_preset(method: str) -> dict:
     preset = _read_json_object(path, "method preset")
     preset.pop("label", None)
     check_values(preset, f"method preset {path.name}")
-    bad = sorted(set(preset) - METHOD_KEYS - {"reset_final_norm"})
+    bad = sorted(set(preset) - METHOD_KEYS)
     if bad:
         raise ConfigError(f"method preset {path.name} may only set method hyper-parameters, not {bad}")
+    foreign = sorted(k for k in preset if method not in (setting_owners(k) or [method]))
+    if foreign:
+        raise ConfigError(f"method preset {path.name} sets {foreign}, settings of other methods than {method}")
     return preset
 
 

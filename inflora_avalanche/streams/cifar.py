@@ -6,7 +6,8 @@ import urllib.error
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import DataUnavailableError, StreamInfo, check_class_order, check_experiences, image_transforms
+from .common import (DataUnavailableError, StreamInfo, check_class_order, check_experiences, config_normalization,
+                     config_root, image_transforms)
 from .folder import PathLike
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -76,3 +77,10 @@ def _uint8_split(root: Path, n_experiences: int, order: list[int], download: boo
     info = StreamInfo("split_cifar100", 100, n_experiences, order, train_size=50000, test_size=10000,
                       extra={"root": str(root), "device_augment": True})
     return bench, info
+
+
+def from_config(config: dict, manifest: Optional[Path] = None):
+    """The registry's builder: Split CIFAR-100 of a run's ``config`` (``data_root`` defaults to ``data/``)."""
+    return split_cifar100(config_root(config) or Path("data"), config["n_experiences"], config["class_order"],
+                          download=config["download"], device_augment=bool(config["device_augment"]),
+                          **config_normalization(config))

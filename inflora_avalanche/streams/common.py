@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -10,8 +11,7 @@ from torchvision import transforms as T
 
 from ..io import DataUnavailableError, ImageLoadError  # noqa: F401  (re-exported; io.py is torch-free)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from . import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
 
 def image_transforms(
@@ -140,3 +140,21 @@ def class_incremental_stream(
         train_transform=train_transform,
         eval_transform=eval_transform,
     )
+
+
+# ------------------------------------------------------------------------------------ the builders' config reading
+def config_root(config: dict) -> Optional[Path]:
+    """``data_root`` as a path (``None`` when unset)."""
+    return Path(config["data_root"]).expanduser() if config["data_root"] else None
+
+
+def config_normalization(config: dict) -> dict:
+    """``resolution``, ``normalize`` and, where set, ``mean``/``std``: the keyword arguments of the image streams."""
+    norm = {"resolution": config["resolution"], "normalize": config["normalize"]}
+    norm.update({k: config[k] for k in ("mean", "std") if config[k] is not None})
+    return norm
+
+
+def config_split_manifest(config: dict) -> Optional[Path]:
+    """``split_manifest`` (a split written by an earlier run) as a path, or ``None``."""
+    return Path(config["split_manifest"]).expanduser() if config["split_manifest"] else None

@@ -39,3 +39,8 @@ def split_digits(
     info = StreamInfo("digits", 10, n_experiences, order, [str(i) for i in range(10)], len(train), len(test),
                       extra={"resolution": resolution})
     return bench, info
+
+
+def from_config(config: dict, manifest=None):
+    """The registry's builder: the digits demo stream of a run's ``config``."""
+    return split_digits(config["n_experiences"], config["resolution"], config["class_order"])

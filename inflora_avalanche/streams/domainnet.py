@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import DataUnavailableError
+from .common import DataUnavailableError, config_normalization, config_root
 from .folder import PathLike, Sample, check_files_exist, samples_benchmark
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -72,3 +72,9 @@ def split_domainnet(
     info = {"root": str(root), "domains": list(domains)}
     return samples_benchmark("domainnet", [names[i] for i in range(num_classes)], train, test, n_experiences,
                              class_order, resolution, normalize, info=info, **kwargs)
+
+
+def from_config(config: dict, manifest: Optional[PathLike] = None):
+    """The registry's builder: DomainNet of a run's ``config`` (``domains``: default all six)."""
+    return split_domainnet(config_root(config), config["n_experiences"], config["domains"] or DOMAINNET_DOMAINS,
+                           config["class_order"], **config_normalization(config))

@@ -21,6 +21,9 @@ from .common import (
     StreamInfo,
     check_class_order,
     class_incremental_stream,
+    config_normalization,
+    config_root,
+    config_split_manifest,
     image_transforms,
 )
 
@@ -250,3 +253,11 @@ def folder_benchmark(
         )
     return samples_benchmark(name, names, train, test, n_experiences, class_order, resolution, normalize, mean, std,
                              {"root": str(root), **info})
+
+
+def from_config(config: dict, manifest: Optional[PathLike] = None):
+    """The registry's builder: the image folder of a run's ``config``, its seeded split written to ``manifest``."""
+    return folder_benchmark(config_root(config), config["n_experiences"], config["classes"], config["class_order"],
+                            config["test_fraction"], config["split_seed"], manifest, config_split_manifest(config),
+                            config["max_train_per_class"], config["max_test_per_class"],
+                            **config_normalization(config))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..io import class_folders
-from .common import DataUnavailableError
+from .common import DataUnavailableError, config_normalization, config_root, config_split_manifest
 from .folder import PathLike, folder_benchmark
 
 IMAGENET_R_CLASSES = 200
@@ -52,3 +52,10 @@ def split_imagenet_r(
         name="imagenet_r", **kwargs,
     )
     return bench, info
+
+
+def from_config(config: dict, manifest: Optional[PathLike] = None):
+    """The registry's builder: Split ImageNet-R of a run's ``config``, its seeded split written to ``manifest``."""
+    return split_imagenet_r(config_root(config), config["n_experiences"], config["split_seed"], manifest,
+                            config_split_manifest(config), config["class_order"], config["test_fraction"],
+                            **config_normalization(config))

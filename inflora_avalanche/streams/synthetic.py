@@ -40,3 +40,9 @@ def split_synthetic(
     info = StreamInfo("synthetic", num_classes, n_experiences, order, [f"class{c}" for c in range(num_classes)],
                       len(train), len(test), extra={"resolution": resolution})
     return bench, info
+
+
+def from_config(config: dict, manifest=None):
+    """The registry's builder: the synthetic stream of a run's ``config``."""
+    return split_synthetic(config["n_experiences"], config["classes"], config["resolution"], config["class_order"],
+                           config["max_train_per_class"], config["max_test_per_class"])

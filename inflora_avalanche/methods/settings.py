@@ -1,0 +1,105 @@
+"""The methods' own settings, in groups (one group may serve several methods, as InfLoRA's serves its variants).
+
+A group is a title, its :class:`~inflora_avalanche.schema.Field`\\ s and, where settings tie together, a check of a
+whole config that raises a one-line :class:`~inflora_avalanche.schema.ConfigError`. The registry
+(:mod:`inflora_avalanche.methods`) says which method has which groups. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..schema import ConfigError, Field, names
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A group of method settings: shown as one section of ``--help``; ``check(config)`` runs once per validation."""
+
+    title: str
+    fields: tuple[Field, ...]
+    check: Optional[Callable[[dict], None]] = None
+
+
+def _m(name: str, kind: str, default, help: str, **kwargs) -> Field:
+    return Field(name, kind, default, help, group="method", **kwargs)
+
+
+QKV_PARTS = ("q", "k", "v")
+ALL_LINEAR = "all-linear"
+
+
+def check_inflora(config: dict) -> None:
+    """The thresholds grow from ``lamb`` to ``lame``; ``target_modules`` and ``qkv_rows`` name each layer or row once
+    (``qkv_rows`` is put in weight order, q k v)."""
+    c = config
+    if not 0 < c["lamb"] <= 1:
+        raise ConfigError(f"lamb must be in (0, 1], got {c['lamb']}; the paper uses 0.95 (CIFAR-100) or 0.98 "
+                          "(ImageNet-R)")
+    if not 0 < c["lame"] <= 1:
+        raise ConfigError(f"lame must be in (0, 1], got {c['lame']}; the paper uses 1.0")
+    if c["lame"] < c["lamb"]:
+        raise ConfigError(f"lame ({c['lame']}) must be >= lamb ({c['lamb']}): the threshold grows from lamb to lame "
+                          "over tasks")
+    targets = c["target_modules"]
+    if any(not t.strip(".") or t != t.strip() for t in targets):
+        raise ConfigError(f"--target-modules takes module names relative to a block (e.g. attn.qkv mlp.fc1) or "
+                          f"{ALL_LINEAR}, got {targets}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"--target-modules names a module twice: {targets}")
+    if ALL_LINEAR in targets and len(targets) > 1:
+        raise ConfigError(f"--target-modules {ALL_LINEAR} already takes every linear layer of the adapted blocks; give "
+                          f"it alone, got {targets}")
+    rows = c["qkv_rows"]
+    if len(set(rows)) != len(rows):
+        raise ConfigError(f"--qkv-rows names a row twice: {rows}; give each of q, k, v at most once")
+    c["qkv_rows"] = [p for p in QKV_PARTS if p in rows]
+
+
+INFLORA = Settings("InfLoRA", (
+    _m("rank", "int", 10, "rank of each task's branches", minimum=1, resume="identity"),
+    _m("adapted_blocks", "int_or_ints", None, "blocks with branches (N = the first N; a list of indices; default "
+       "all)", nullable=True, resume="identity"),
+    _m("target_modules", "strs", ["attn.qkv"], "the linear layers of each adapted block that get branches, by their "
+       f"name in the block (PEFT style: attn.qkv attn.proj mlp.fc1 mlp.fc2), or {ALL_LINEAR}", resume="identity",
+       metavar="NAME"),
+    _m("qkv_rows", "strs", ["k", "v"], f"rows of a fused attn.qkv that get branches: any of {names(QKV_PARTS)} "
+       "(the paper: k v)", choices=QKV_PARTS, resume="identity", metavar="ROW"),
+    _m("reset_final_norm", "bool", False, "replace the backbone's final LayerNorm by a fresh one (InfLoRA+CA)",
+       resume="identity"),
+    _m("lamb", "float", 0.95, "threshold of the first task (eps_t = lamb + (lame - lamb) t / T)", resume="identity"),
+    _m("lame", "float", 1.0, "threshold of the last task", resume="identity"),
+    _m("memory", "choice", "dualgpm", "subspace memory", choices=("dualgpm", "gpm"), resume="identity"),
+    _m("classifier_alignment", "json", None, "InfLoRA+CA: ClassifierAlignmentPlugin settings (JSON object; {} = its "
+       "defaults)", nullable=True, resume="identity"),
+), check=check_inflora)
+
+OPTIMISER = Settings("optimiser and schedule", (
+    _m("betas", "floats", [0.9, 0.999], "Adam betas"),
+    _m("momentum", "float", 0.9, "SGD momentum", minimum=0),
+    _m("weight_decay", "float", 0.0, "weight decay", minimum=0),
+    _m("milestones", "ints", [], "epochs at which the step schedule multiplies the lr by gamma"),
+    _m("gamma", "float", 0.1, "factor of the step schedule", minimum=0),
+))
+
+FINETUNE = Settings("full fine-tuning", (
+    _m("backbone_lr", "float", None, "learning rate of the backbone", minimum=0, nullable=True),
+))
+
+EWC_SETTINGS = Settings("EWC", (
+    _m("ewc_lambda", "float", 1e4, "penalty weight", minimum=0),
+    _m("ewc_mode", "choice", "separate", "Avalanche's mode", choices=("separate", "online")),
+))
+
+LWF_SETTINGS = Settings("LwF", (
+    _m("lwf_alpha", "float", 1.0, "distillation weight", minimum=0),
+    _m("lwf_temperature", "float", 2.0, "distillation temperature", minimum=0),
+))
+
+L2P_SETTINGS = Settings("L2P", (
+    _m("l2p_pool_size", "int", 10, "prompt pool size", minimum=1, resume="identity"),
+    _m("l2p_prompt_length", "int", 5, "tokens per prompt", minimum=1, resume="identity"),
+    _m("l2p_top_k", "int", 5, "prompts selected per image", minimum=1, resume="identity"),
+    _m("l2p_sim_coefficient", "float", 0.1, "weight of the key-matching loss", minimum=0),
+))
