@@ -127,7 +127,7 @@ class PILFromTensor(torch.utils.data.Dataset):
 
 def cifar_like(args: argparse.Namespace) -> tuple[torch.Tensor, list[int], str]:
     if args.cifar_root is not None:
-        from inflora_avalanche.device_augment import cifar100_uint8
+        from inflora_avalanche.streams.cifar import cifar100_uint8
 
         ds = cifar100_uint8(args.cifar_root, train=True)
         return ds.images, ds.targets, f"CIFAR-100 train ({len(ds)} images) from {args.cifar_root}"
@@ -198,12 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     from torchvision import transforms as T
 
     from inflora_avalanche.cached_folder import CachedImageFolder, ResizeCache
-    from inflora_avalanche.device_augment import (
-        BatchedTensorImageDataset,
-        DeviceAugment,
-        batched_collate,
-    )
-    from inflora_avalanche.streams.common import TensorImageDataset
+    from inflora_avalanche.device_augment import DeviceAugment
+    from inflora_avalanche.streams.common import BatchedTensorImageDataset, TensorImageDataset, batched_collate
 
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)

@@ -15,14 +15,11 @@ the neighbouring source pixel (half a source pixel at most), where torchvision's
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .streams.common import DataUnavailableError, TensorImageDataset
 
 RRC_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -210,46 +207,6 @@ class DeviceAugment:
             f"DeviceAugment(resolution={self.resolution}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}, "
             f"random_crop={self.random_crop}, mean={self.mean}, std={self.std}, seed={self.seed})"
         )
-
-
-class BatchedTensorImageDataset(TensorImageDataset):
-    """``TensorImageDataset`` that also answers a whole batch of indices with one gather (``__getitems__``).
-
-    ``torch.utils.data.DataLoader`` calls ``__getitems__`` when a dataset has it, so a loader over this dataset
-    builds each minibatch with one indexing op instead of one ``__getitem__`` per sample. (Avalanche's dataset
-    wrapper indexes per sample and does not use it.)
-    """
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        images = self.images[index]
-        return [(images[k], self.targets[i]) for k, i in enumerate(indices)]
-
-
-def batched_collate(batch):
-    """Collate of ``BatchedTensorImageDataset.__getitems__`` output: one stack of images, one tensor of targets."""
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
-
-
-def cifar100_uint8(root: Union[str, os.PathLike], train: bool = True) -> TensorImageDataset:
-    """CIFAR-100 as one ``uint8`` tensor ``(N, 3, 32, 32)`` plus targets; needs ``root/cifar-100-python/``.
-
-    Items are ``(uint8 image tensor, label)``: pair with :class:`DeviceAugment` as the strategy's
-    ``input_transform`` and no per-sample transform, so DataLoader workers only index.
-    """
-    from torchvision.datasets import CIFAR100
-
-    root = Path(root).expanduser()
-    if not (root / "cifar-100-python").is_dir():
-        raise DataUnavailableError(
-            f"CIFAR-100 is not in {root}: extract cifar-100-python.tar.gz so that {root / 'cifar-100-python'} exists"
-        )
-    try:
-        ds = CIFAR100(str(root), train=train, download=False)
-    except RuntimeError as err:  # torchvision's integrity check
-        raise DataUnavailableError(f"CIFAR-100 in {root} is incomplete or corrupt ({err})") from None
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return BatchedTensorImageDataset(images, ds.targets)
 
 
 def images_to_uint8_tensor(images: Sequence) -> torch.Tensor:

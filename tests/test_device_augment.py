@@ -9,15 +9,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from inflora_avalanche.streams.common import DataUnavailableError
-from inflora_avalanche.device_augment import (
-    BatchedTensorImageDataset,
-    DeviceAugment,
-    batched_collate,
-    boxes_to_theta,
-    cifar100_uint8,
-    images_to_uint8_tensor,
-    sample_crop_boxes,
-)
+from inflora_avalanche.device_augment import DeviceAugment, boxes_to_theta, images_to_uint8_tensor, sample_crop_boxes
+from inflora_avalanche.streams.cifar import cifar100_uint8
+from inflora_avalanche.streams.common import BatchedTensorImageDataset, batched_collate
 
 
 def _images(n: int = 6, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:

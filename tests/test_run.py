@@ -314,12 +314,14 @@ def test_ca_preset_attaches_classifier_alignment():
 
 
 def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_path, monkeypatch):
-    from inflora_avalanche import device_augment as D
+    from inflora_avalanche.device_augment import DeviceAugment
+    from inflora_avalanche.streams import cifar as D
+    from inflora_avalanche.streams.common import BatchedTensorImageDataset
     from inflora_avalanche.methods.inflora import build_model, inflora_strategy
 
     (tmp_path / "cifar-100-python").mkdir()
     gen = torch.Generator().manual_seed(0)
-    fake = lambda root, train=True: D.BatchedTensorImageDataset(  # noqa: E731
+    fake = lambda root, train=True: BatchedTensorImageDataset(  # noqa: E731
         torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=gen), [i % 100 for i in range(200)]
     )
     monkeypatch.setattr(D, "cifar100_uint8", fake)
@@ -332,7 +334,7 @@ def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_pa
     model = build_model({**config, "backbone": "vit_tiny_patch16_224", "pretrained": False,
                          "backbone_kwargs": {"patch_size": 16, "depth": 1}, "rank": 2})
     strategy = inflora_strategy(config, model, info, None, [], "cpu")
-    assert isinstance(strategy.input_transform, D.DeviceAugment)
+    assert isinstance(strategy.input_transform, DeviceAugment)
     out = strategy.prepare_input(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), True)
     assert out.shape == (4, 3, 48, 48) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
     with pytest.raises(C.ConfigError, match="device_augment"):

@@ -18,7 +18,8 @@ from avalanche.training.plugins import EWCPlugin, LwFPlugin
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from ..run.config import ConfigError, check_plain_training
+from ..schema import ConfigError
+from .settings import check_plain_training
 from ..training import autocast, uses_bf16
 from . import scaled_lr
 

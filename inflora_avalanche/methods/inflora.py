@@ -15,7 +15,7 @@ import torch
 
 from ..backbone import WeightsUnavailableError
 from ..model import InfLoRAViT
-from ..run.config import ConfigError
+from ..schema import ConfigError
 from . import scaled_lr
 
 
@@ -58,7 +58,8 @@ def build_model(config: dict, info: Any = None) -> InfLoRAViT:
             config["backbone"],
             rank=config["rank"],
             adapted_blocks=config["adapted_blocks"],
-            **adapted_layers(config),
+            target_modules=config["target_modules"],
+            qkv_rows=config["qkv_rows"],
             pretrained=bool(config["pretrained"]) and weights is None,
             checkpoint_path=weights,
             num_classes=num_classes,
@@ -67,16 +68,6 @@ def build_model(config: dict, info: Any = None) -> InfLoRAViT:
     if config["reset_final_norm"]:
         reset_final_norm(model)
     return model
-
-
-def adapted_layers(config: dict) -> dict:
-    """``target_modules`` and ``qkv_rows`` for :class:`InfLoRAViT`, passed only where they differ from the reference's
-    (key and value rows of ``attn.qkv``), which are also the model's defaults.
-
-    Transitional: once every ``InfLoRAViT`` takes both keywords this becomes
-    ``{"target_modules": config["target_modules"], "qkv_rows": config["qkv_rows"]}``."""
-    reference = {"target_modules": ["attn.qkv"], "qkv_rows": ["k", "v"]}
-    return {key: config[key] for key, value in reference.items() if list(config[key]) != value}
 
 
 def reset_final_norm(model: Any) -> None:

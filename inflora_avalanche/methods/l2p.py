@@ -276,7 +276,7 @@ def l2p_strategy(config: dict, backbone: nn.Module, info: Any, evaluator: Any, p
     """L2P on the same backbone as the other methods (it wraps it with a prompt pool and one head over all
     ``num_classes`` labels of the stream); its lr is the configured one (scaled: see ``scaled_lr``)."""
     from . import MethodNotApplicable, scaled_lr
-    from ..run.config import check_plain_training
+    from .settings import check_plain_training
     from .finetune import common_kwargs
 
     check_plain_training(config)

@@ -103,3 +103,12 @@ L2P_SETTINGS = Settings("L2P", (
     _m("l2p_top_k", "int", 5, "prompts selected per image", minimum=1, resume="identity"),
     _m("l2p_sim_coefficient", "float", 0.1, "weight of the key-matching loss", minimum=0),
 ))
+
+
+def check_plain_training(config: dict) -> None:
+    """Methods without the ``schedules`` capability (the fine-tuning and prompt baselines) train with a constant-rate
+    Adam; other optimiser settings are refused, not ignored (at the command line, and again where their strategies
+    are built)."""
+    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
+        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
+                          f"(got {config['optimizer']}, {config['lr_schedule']})")

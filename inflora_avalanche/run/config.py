@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from .. import streams as S
 from ..methods import DIAGNOSTICS, EXPORT, REGISTRY, SCHEDULES, methods_with, setting_groups, setting_owners
+from ..methods.settings import check_plain_training  # noqa: F401  (re-exported)
 from ..schema import KIND_CHECKS, ConfigError, Field, check_value, names  # noqa: F401  (re-exported)
 
 _F = Field
@@ -272,12 +273,3 @@ def check_capability(method: str, capability: str, what: str, fix: str) -> None:
     """Refuse ``what`` in one line when ``method`` lacks ``capability``, naming the methods that have it."""
     if not REGISTRY[method].has(capability):
         raise ConfigError(f"{what} does not apply to {method}, only to {', '.join(methods_with(capability))}: {fix}")
-
-
-def check_plain_training(config: dict) -> None:
-    """Methods without the ``schedules`` capability (the fine-tuning and prompt baselines) train with a constant-rate
-    Adam; other optimiser settings are refused, not ignored (at the command line, and again where their strategies
-    are built)."""
-    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
-        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
-                          f"(got {config['optimizer']}, {config['lr_schedule']})")

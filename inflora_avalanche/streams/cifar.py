@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
-from .common import (DataUnavailableError, StreamInfo, check_class_order, check_experiences, config_normalization,
-                     config_root, image_transforms)
+import torch
+
+from .common import (BatchedTensorImageDataset, DataUnavailableError, StreamInfo, TensorImageDataset,
+                     check_class_order, check_experiences, config_normalization, config_root, image_transforms)
 from .folder import PathLike
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -62,7 +65,6 @@ def split_cifar100(
 
 
 def _uint8_split(root: Path, n_experiences: int, order: list[int], download: bool):
-    from ..device_augment import cifar100_uint8
     from .common import class_incremental_stream
 
     if not (root / "cifar-100-python").is_dir():
@@ -84,3 +86,24 @@ def from_config(config: dict, manifest: Optional[Path] = None):
     return split_cifar100(config_root(config) or Path("data"), config["n_experiences"], config["class_order"],
                           download=config["download"], device_augment=bool(config["device_augment"]),
                           **config_normalization(config))
+
+
+def cifar100_uint8(root: Union[str, os.PathLike], train: bool = True) -> TensorImageDataset:
+    """CIFAR-100 as one ``uint8`` tensor ``(N, 3, 32, 32)`` plus targets; needs ``root/cifar-100-python/``.
+
+    Items are ``(uint8 image tensor, label)``: pair with :class:`DeviceAugment` as the strategy's
+    ``input_transform`` and no per-sample transform, so DataLoader workers only index.
+    """
+    from torchvision.datasets import CIFAR100
+
+    root = Path(root).expanduser()
+    if not (root / "cifar-100-python").is_dir():
+        raise DataUnavailableError(
+            f"CIFAR-100 is not in {root}: extract cifar-100-python.tar.gz so that {root / 'cifar-100-python'} exists"
+        )
+    try:
+        ds = CIFAR100(str(root), train=train, download=False)
+    except RuntimeError as err:  # torchvision's integrity check
+        raise DataUnavailableError(f"CIFAR-100 in {root} is incomplete or corrupt ({err})") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return BatchedTensorImageDataset(images, ds.targets)

@@ -158,3 +158,22 @@ def config_normalization(config: dict) -> dict:
 def config_split_manifest(config: dict) -> Optional[Path]:
     """``split_manifest`` (a split written by an earlier run) as a path, or ``None``."""
     return Path(config["split_manifest"]).expanduser() if config["split_manifest"] else None
+
+
+class BatchedTensorImageDataset(TensorImageDataset):
+    """``TensorImageDataset`` that also answers a whole batch of indices with one gather (``__getitems__``).
+
+    ``torch.utils.data.DataLoader`` calls ``__getitems__`` when a dataset has it, so a loader over this dataset
+    builds each minibatch with one indexing op instead of one ``__getitem__`` per sample. (Avalanche's dataset
+    wrapper indexes per sample and does not use it.)
+    """
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index]
+        return [(images[k], self.targets[i]) for k, i in enumerate(indices)]
+
+
+def batched_collate(batch):
+    """Collate of ``BatchedTensorImageDataset.__getitems__`` output: one stack of images, one tensor of targets."""
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
