@@ -49,23 +49,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--preset", default="tinyimagenet_dinov2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="variants run at once (each on the preset's CPU threads); "
+                        "with as many jobs as variants they all share the machine alike")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
                     "preset": args.preset, "seeds": args.seeds, "machine": f"{platform.machine()}, {platform.processor()}",
                     "date": time.strftime("%Y-%m-%d"), "variants": {}}
-    for name, (folder_name, targets) in VARIANTS.items():
-        folder = args.out / folder_name
-        command = [sys.executable, "-m", "inflora_avalanche", "run", "--preset", args.preset, "--data-root",
-                   args.data_root, "--weights", args.weights, "--seeds", *map(str, args.seeds), "--target-modules",
-                   *targets, "--out", str(folder), "--no-progress"]
-        print(f"[{name}] {' '.join(command[1:])}", flush=True)
-        done = subprocess.run(command, stdout=subprocess.DEVNULL)
-        if done.returncode:
-            print(f"[{name}] failed (exit {done.returncode}); see {folder}", file=sys.stderr)
-            return done.returncode
+    pending = list(VARIANTS.items())
+    running: list[tuple[str, Path, list[str], subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            name, (folder_name, targets) = pending.pop(0)
+            folder = args.out / folder_name
+            command = [sys.executable, "-m", "inflora_avalanche", "run", "--preset", args.preset, "--data-root",
+                       args.data_root, "--weights", args.weights, "--seeds", *map(str, args.seeds),
+                       "--target-modules", *targets, "--out", str(folder), "--no-progress"]
+            print(f"[{name}] {' '.join(command[1:])}", flush=True)
+            running.append((name, folder, targets, subprocess.Popen(command, stdout=subprocess.DEVNULL)))
+        name, folder, targets, process = running.pop(0)
+        if process.wait():
+            print(f"[{name}] failed (exit {process.returncode}); see {folder}", file=sys.stderr)
+            return process.returncode
         results = json.loads((folder / "results.json").read_text())
         report["variants"][name] = {"target_modules": targets, "folder": folder.name, **summarize(results)}
+    report["variants"] = {name: report["variants"][name] for name in VARIANTS}
     (args.out / "target_modules.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n| targets | A_last (%) | A_avg (%) | forgetting (%) | trainable params / exp | train time / exp (s) |")
     print("|---|---|---|---|---|---|")
