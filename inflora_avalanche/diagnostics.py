@@ -223,8 +223,9 @@ def _write_text(path: Path, text: str) -> None:
 class SubspaceDiagnosticsPlugin(SupervisedPlugin):
     """Measures, per experience and adapted layer, the subspace memory and the interference of the new branch.
 
-    Register it after the :class:`~inflora_avalanche.plugins.SubspaceUpdatePlugin` (``InfLoRAStrategy`` puts its
-    default one first, so any plugin passed in ``plugins`` is after it). Before each training experience it runs
+    It reads the memory of the strategy's :class:`~inflora_avalanche.plugins.SubspaceUpdatePlugin`, in any order
+    among the plugins: ``InfLoRAStrategy`` updates the memories and merges the branches when it closes the task,
+    before any plugin's ``after_training_exp``. Before each training experience it runs
     ``sample_images`` images of the experience (test-time transforms) through the model and keeps every adapted
     layer's input covariance; after the experience (memory updated, branch merged) it runs them again and keeps
     ``sample_tokens`` input token vectors per layer for later experiences. Overhead: two forward passes over
@@ -290,9 +291,8 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
         subspace = self._subspace_plugin(strategy)
         model = unwrap_model(strategy.model)
         if model.task_open:
-            raise RuntimeError(
-                "the task is still open after the SubspaceUpdatePlugin ran: register SubspaceDiagnosticsPlugin after it"
-            )
+            raise RuntimeError("the task is still open after its training: SubspaceDiagnosticsPlugin needs "
+                               "InfLoRAStrategy, which updates the memories and merges the branches when a task ends")
         experience = int(getattr(strategy.experience, "current_experience", len(self.seconds)))
         covs_after, new_tokens = self._sample(strategy, model, salt=1)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * experience + 1)
@@ -337,16 +337,10 @@ class SubspaceDiagnosticsPlugin(SupervisedPlugin):
     # ------------------------------------------------------------------------------------------------- helpers
     def _subspace_plugin(self, strategy: Any):
         plugins = list(getattr(strategy, "plugins", []))
-        found = [i for i, p in enumerate(plugins) if isinstance(p, SubspaceUpdatePlugin)]
+        found = [p for p in plugins if isinstance(p, SubspaceUpdatePlugin)]
         if not found:
             raise ValueError("SubspaceDiagnosticsPlugin needs a SubspaceUpdatePlugin: use it with InfLoRAStrategy")
-        mine = next((i for i, p in enumerate(plugins) if p is self), None)
-        if mine is not None and mine < found[0]:
-            raise ValueError(
-                "SubspaceDiagnosticsPlugin must come after the SubspaceUpdatePlugin in the strategy's plugins "
-                "(it reads the memory that plugin has just updated)"
-            )
-        return plugins[found[0]]
+        return found[0]
 
     def _sample(self, strategy: Any, model: nn.Module, salt: int):
         dataset = strategy.experience.dataset

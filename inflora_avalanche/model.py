@@ -1,4 +1,5 @@
-"""``InfLoRAViT``: a timm Vision Transformer with InfLoRA branches on ``attn.qkv`` and one linear head per task."""
+"""``InfLoRAViT``: a timm Vision Transformer with InfLoRA branches on chosen linear layers of its blocks (by default
+the key and value rows of ``attn.qkv``) and one linear head per task."""
 
 from __future__ import annotations
 
@@ -178,12 +179,19 @@ def _unwrap(block: nn.Module, name: str) -> None:
 
 
 class InfLoRAViT(nn.Module):
-    """A frozen timm ViT with per-task InfLoRA branches on ``attn.qkv`` and per-task linear heads.
+    """A frozen timm ViT with per-task InfLoRA branches on chosen linear layers and per-task linear heads.
 
     Args:
         backbone: a timm model name (e.g. ``"vit_base_patch16_224.augreg_in21k"``) or a timm ViT instance.
         rank: rank of each task's branches.
         adapted_blocks: ``None`` for all blocks, ``N`` for the first N blocks (the paper's "b5" is 5), or indices.
+        target_modules: the linear layers of each adapted block that get branches, by their name in the block as
+            in PEFT (``"attn.qkv"``, ``"attn.proj"``, ``"mlp.fc1"``, ``"mlp.fc2"``; a name also matches a module
+            whose name ends with ``"." + name``), or ``"all-linear"``. Default: ``("attn.qkv",)``, the reference's.
+            A name that matches no module, or a module that is not an ``nn.Linear`` or is not called as a module, is
+            refused here in one line.
+        qkv_rows: the rows of a fused ``qkv`` target that get branches: any of ``"q"``, ``"k"``, ``"v"``. Default
+            ``("k", "v")``, the reference's; other targets get branches on all their rows.
         pretrained: load timm's pretrained weights (downloads them unless cached).
         checkpoint_path: a local weights file to load instead (works offline).
         num_classes: width of the output (classes are indexed by their dataset label). ``None`` grows it to the
