@@ -18,9 +18,10 @@ RowRanges = tuple[tuple[int, int], ...]
 QKV_PARTS = ("q", "k", "v")
 
 
-def qkv_row_ranges(out_features: int, parts: Sequence[str]) -> RowRanges:
+def qkv_row_ranges(out_features: int, parts: Sequence[str], join: bool = True) -> RowRanges:
     """The output rows of a fused ``qkv`` (queries, keys, values stacked in that order) holding ``parts`` (a
-    subset of ``"q"``, ``"k"``, ``"v"``), as ``(start, stop)`` ranges in row order, adjacent ranges joined."""
+    subset of ``"q"``, ``"k"``, ``"v"``), as ``(start, stop)`` ranges in row order; adjacent ranges are joined
+    unless ``join`` is false (one range per projection, for adapters that give each projection its own pair)."""
     if out_features % 3:
         raise ValueError(f"a fused qkv has 3 x attention-width outputs, this layer has {out_features}")
     parts = list(parts)
@@ -32,29 +33,24 @@ def qkv_row_ranges(out_features: int, parts: Sequence[str]) -> RowRanges:
     for i, part in enumerate(QKV_PARTS):
         if part not in parts:
             continue
-        if ranges and ranges[-1][1] == i * width:
+        if join and ranges and ranges[-1][1] == i * width:
             ranges[-1][1] = (i + 1) * width
         else:
             ranges.append([i * width, (i + 1) * width])
     return tuple((start, stop) for start, stop in ranges)
 
 
-class InfLoRALinear(nn.Module):
-    """Wraps an ``nn.Linear`` (``base_layer``, frozen) and adds per-task low-rank branches to some of its outputs.
-
-    Per task the branch is ``out[rows] += up @ (down @ x)``: ``down`` (rank x in_features) is designed and frozen;
-    ``up`` (adapted rows x rank) starts at zero and is trained. ``rows`` are ``row_ranges`` of the base layer's
-    output (all of them by default; the key and value rows of a fused ``qkv`` for the reference's InfLoRA). Finished
-    branches are kept in ``past_down`` / ``past_up`` (stacked along the rank axis) and, by default, merged into
-    ``base_layer.weight``: the forward then costs one plain linear plus the current branch, however many tasks came
-    before.
-    """
+class LowRankLinear(nn.Module):
+    """What every low-rank adapter of this package shares: it wraps an ``nn.Linear`` (``base_layer``, frozen) and
+    adds low-rank updates to some of its output rows (``row_ranges``: ordered, disjoint ``(start, stop)`` ranges;
+    all rows by default). Subclasses define the branches: :meth:`get_delta_weight` (the one computation of the update
+    that merging, export and the diagnostics use) and the forward."""
 
     def __init__(self, base_layer: nn.Linear, row_ranges: Optional[Sequence[tuple[int, int]]] = None,
                  layer_name: str = "") -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"InfLoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.in_features = base_layer.in_features
@@ -67,6 +63,96 @@ class InfLoRALinear(nn.Module):
                              f"got {row_ranges}")
         self.row_ranges: RowRanges = tuple(ranges)
         self.adapted_rows = sum(b - a for a, b in ranges)
+
+    def adapted(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The adapted rows of ``tensor`` (a weight, a bias or a delta of the base layer's shape), in row order."""
+        if len(self.row_ranges) == 1:
+            start, stop = self.row_ranges[0]
+            return tensor[start:stop]
+        return torch.cat([tensor[start:stop] for start, stop in self.row_ranges], dim=0)
+
+    def scatter_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """A tensor of the base weight's shape (``dtype``, on its device) holding ``rows`` (adapted rows x
+        in_features, in row order) at the adapted rows and zeros elsewhere."""
+        weight = self.base_layer.weight
+        full = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        offset = 0
+        for start, stop in self.row_ranges:
+            full[start:stop] = rows[offset:offset + stop - start]
+            offset += stop - start
+        return full
+
+    def add_to_rows(self, out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``out`` (the base layer's output) with ``delta`` (its adapted rows, in row order) added to them."""
+        delta = delta.to(out.dtype)
+        if self.adapted_rows == self.out_features:
+            return out + delta
+        if len(self.row_ranges) == 1:
+            start, stop = self.row_ranges[0]
+            out[..., start:stop] += delta
+            return out
+        offset = 0
+        for start, stop in self.row_ranges:
+            out[..., start:stop] += delta[..., offset:offset + stop - start]
+            offset += stop - start
+        return out
+
+    def get_delta_weight(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_to_weight(self, delta: torch.Tensor, sign: float, what: str) -> None:
+        self.base_layer.weight.copy_(self._weight_plus(delta, sign, what))
+
+    def _weight_plus(self, delta: torch.Tensor, sign: float, what: str) -> torch.Tensor:
+        """``weight + sign * delta`` summed in ``delta``'s precision and rounded once to the weight's dtype. A
+        non-finite result (NaN, inf, or an overflow of that dtype) raises ``ValueError`` naming the layer instead of
+        corrupting (or exporting) the weight."""
+        weight = self.base_layer.weight.detach()
+        updated = (weight.to(delta.dtype) + sign * delta).to(weight.dtype)
+        if not torch.isfinite(updated).all():
+            if not torch.isfinite(weight).all():
+                cause = "the weight already holds NaN or inf"
+            else:
+                cause = "its branches hold NaN or inf" if not torch.isfinite(delta).all() else "the sum overflows"
+            raise ValueError(
+                f"low-rank layer {self.layer_name or '(unnamed)'}: {what} would put non-finite values into its "
+                f"weight ({cause}: training diverged?); the weight was left unchanged"
+            )
+        return updated
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                raise AttributeError(
+                    f"low-rank layer {self.__dict__.get('layer_name') or '(unnamed)'}: its module read .{name} of "
+                    "this layer directly instead of calling it, which would skip the branches; this backbone is not "
+                    "supported with this target"
+                ) from None
+            raise
+
+    def _check_row_ranges(self, state: Any) -> None:
+        saved = [tuple(r) for r in state.get("row_ranges", self.row_ranges)]
+        if tuple(saved) != self.row_ranges:
+            raise ValueError(f"layer {self.layer_name or '(unnamed)'}: the checkpoint adapts rows {saved}, this "
+                             f"layer adapts {list(self.row_ranges)} (another qkv_rows setting?)")
+
+
+class InfLoRALinear(LowRankLinear):
+    """Wraps an ``nn.Linear`` (``base_layer``, frozen) and adds per-task low-rank branches to some of its outputs.
+
+    Per task the branch is ``out[rows] += up @ (down @ x)``: ``down`` (rank x in_features) is designed and frozen;
+    ``up`` (adapted rows x rank) starts at zero and is trained. ``rows`` are ``row_ranges`` of the base layer's
+    output (all of them by default; the key and value rows of a fused ``qkv`` for the reference's InfLoRA). Finished
+    branches are kept in ``past_down`` / ``past_up`` (stacked along the rank axis) and, by default, merged into
+    ``base_layer.weight``: the forward then costs one plain linear plus the current branch, however many tasks came
+    before.
+    """
+
+    def __init__(self, base_layer: nn.Linear, row_ranges: Optional[Sequence[tuple[int, int]]] = None,
+                 layer_name: str = "") -> None:
+        super().__init__(base_layer, row_ranges, layer_name)
         weight = base_layer.weight
         self.register_buffer("down", weight.new_zeros(0, self.in_features))
         self.up = nn.Parameter(weight.new_zeros(self.adapted_rows, 0))
@@ -128,13 +214,6 @@ class InfLoRALinear(nn.Module):
             self.merged = False
 
     # ----------------------------------------------------------------------------------------------- delta weight
-    def adapted(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The adapted rows of ``tensor`` (a weight, a bias or a delta of the base layer's shape), in row order."""
-        if len(self.row_ranges) == 1:
-            start, stop = self.row_ranges[0]
-            return tensor[start:stop]
-        return torch.cat([tensor[start:stop] for start, stop in self.row_ranges], dim=0)
-
     def get_delta_weight(
         self, finished: BranchRows = True, current: bool = True, dtype: torch.dtype = torch.float64
     ) -> torch.Tensor:
@@ -152,7 +231,6 @@ class InfLoRALinear(nn.Module):
         ``base_layer.weight`` plus ``get_delta_weight(finished=not merged)`` is the weight the layer applies now.
         """
         weight = self.base_layer.weight
-        delta = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         ups, downs = [], []
         if finished is not False and self.num_finished:
             rows = slice(None) if finished is True else finished
@@ -164,13 +242,9 @@ class InfLoRALinear(nn.Module):
             ups.append(self.up.detach())
             downs.append(self.down.detach())
         up = torch.cat(ups, dim=1).to(dtype) if ups else None
-        if up is not None and up.shape[1]:
-            product = up @ torch.cat(downs, dim=0).to(dtype)
-            offset = 0
-            for start, stop in self.row_ranges:
-                delta[start:stop] = product[offset:offset + stop - start]
-                offset += stop - start
-        return delta
+        if up is None or not up.shape[1]:
+            return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        return self.scatter_rows(up @ torch.cat(downs, dim=0).to(dtype), dtype)
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
@@ -178,26 +252,6 @@ class InfLoRALinear(nn.Module):
         weight the layer applies now, as a new tensor of the base weight's dtype and device. The adapter is not
         modified."""
         return self._weight_plus(self.get_delta_weight(finished=not self.merged, current=True), 1.0, "exporting")
-
-    def _add_to_weight(self, delta: torch.Tensor, sign: float, what: str) -> None:
-        self.base_layer.weight.copy_(self._weight_plus(delta, sign, what))
-
-    def _weight_plus(self, delta: torch.Tensor, sign: float, what: str) -> torch.Tensor:
-        """``weight + sign * delta`` summed in ``delta``'s precision and rounded once to the weight's dtype. A
-        non-finite result (NaN, inf, or an overflow of that dtype) raises ``ValueError`` naming the layer instead of
-        corrupting (or exporting) the weight."""
-        weight = self.base_layer.weight.detach()
-        updated = (weight.to(delta.dtype) + sign * delta).to(weight.dtype)
-        if not torch.isfinite(updated).all():
-            if not torch.isfinite(weight).all():
-                cause = "the weight already holds NaN or inf"
-            else:
-                cause = "its branches hold NaN or inf" if not torch.isfinite(delta).all() else "the sum overflows"
-            raise ValueError(
-                f"InfLoRA layer {self.layer_name or '(unnamed)'}: {what} would put non-finite values into its "
-                f"weight ({cause}: training diverged?); the weight was left unchanged"
-            )
-        return updated
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,31 +263,8 @@ class InfLoRALinear(nn.Module):
             up = torch.cat([self.past_up, self.up], dim=1)
         if down.shape[0] == 0:
             return out
-        # One low-rank path for every adapted row, added in place to their slices of the output.
-        delta = F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype)).to(out.dtype)
-        if self.adapted_rows == self.out_features:
-            return out + delta
-        if len(self.row_ranges) == 1:
-            start, stop = self.row_ranges[0]
-            out[..., start:stop] += delta
-            return out
-        offset = 0
-        for start, stop in self.row_ranges:
-            out[..., start:stop] += delta[..., offset:offset + stop - start]
-            offset += stop - start
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("weight", "bias"):
-                raise AttributeError(
-                    f"InfLoRA layer {self.__dict__.get('layer_name') or '(unnamed)'}: its module read .{name} of this "
-                    "layer directly instead of calling it, which would skip the InfLoRA branch; this backbone is not "
-                    "supported with this target"
-                ) from None
-            raise
+        # One low-rank path for every adapted row, added to their slices of the output.
+        return self.add_to_rows(out, F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype)))
 
     def extra_repr(self) -> str:
         rows = ", ".join(f"{a}:{b}" for a, b in self.row_ranges)
@@ -244,10 +275,7 @@ class InfLoRALinear(nn.Module):
         return {"merged": self.merged, "row_ranges": [list(r) for r in self.row_ranges]}
 
     def set_extra_state(self, state: Any) -> None:
-        saved = [tuple(r) for r in state.get("row_ranges", self.row_ranges)]
-        if tuple(saved) != self.row_ranges:
-            raise ValueError(f"InfLoRA layer {self.layer_name or '(unnamed)'}: the checkpoint adapts rows {saved}, this "
-                             f"layer adapts {list(self.row_ranges)} (another qkv_rows setting?)")
+        self._check_row_ranges(state)
         self.merged = bool(state["merged"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
