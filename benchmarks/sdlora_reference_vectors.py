@@ -406,6 +406,7 @@ def main(argv=None):
         "vit_name": VIT_NAME, "vit_kwargs": VIT_KWARGS,
         "vit_init": "timm init with seed 0, then norms/biases/cls/pos redrawn (see make_vit); state in vit.*",
         "a_init": "main scenario: A_t as the official reset_parameters drew it (kaiming_uniform_, a=sqrt 5)",
+        "embed_dim": meta["embed_dim"], "n_blocks": meta["n_blocks"], "n_tokens": meta["n_tokens"],
         "rank": RANK, "n_tasks": N_TASKS, "seed": SEED, "b_std": B_STD,
         "alphas": {f"task{t}": {"old": list(OLD_ALPHAS[:t]), "cur": CUR_ALPHA} for t in range(N_TASKS)},
         "alphas_norm_case": {"task1": {"old": list(OLD_ALPHAS[:1]), "cur": CUR_ALPHA}},

@@ -1,4 +1,4 @@
-"""Export an :class:`InfLoRAViT` as a timm model folder: branches merged into their layers, one linear head.
+"""Export an :class:`InfLoRAViT` (or any ``LowRankViT``) as a timm model folder: branches merged into their layers, one linear head.
 
 The folder holds ``model.safetensors`` (timm's key names) and ``config.json`` (timm's hub format: architecture,
 ``model_args``, ``pretrained_cfg`` with the input size, mean and std, ``label_names``), so timm alone loads it::
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .io import atomic_write, atomic_write_json  # atomic_write: also this module's public name, as before
-from .model import UNSEEN_CLASS_LOGIT, InfLoRAViT
+from .model import UNSEEN_CLASS_LOGIT, LowRankViT
 
 EXPORT_FORMAT = "inflora-avalanche-timm-export/2"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,7 +41,7 @@ def _umask() -> int:
     return mask
 
 
-def timm_state_dict(model: InfLoRAViT) -> dict[str, torch.Tensor]:
+def timm_state_dict(model: LowRankViT) -> dict[str, torch.Tensor]:
     """The backbone's state dict under plain timm names, every adapted layer replaced by its base layer with all
     branches (finished and open) folded in (:meth:`InfLoRALinear.effective_weight`: the same delta and rounding as an
     in-place merge), on the CPU, without a classifier."""
@@ -60,7 +60,7 @@ def timm_state_dict(model: InfLoRAViT) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def merged_head(model: InfLoRAViT, columns: str = "labels") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def merged_head(model: LowRankViT, columns: str = "labels") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One linear head over every task's head: ``(weight, bias, column_labels)``.
 
     ``columns="labels"``: column ``j`` is dataset label ``j`` for ``j < model.output_width``; labels no head covers get
@@ -104,7 +104,7 @@ def _classifier_names(cfg: Mapping[str, Any]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def _input_size(model: InfLoRAViT, cfg: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[int, int, int]:
+def _input_size(model: LowRankViT, cfg: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[int, int, int]:
     """``(channels, height, width)`` the backbone was built for (timm's ``pretrained_cfg`` keeps the size of the
     weights it came from, e.g. 518 for DINOv2 even when built with ``img_size=56``)."""
     source = tuple(cfg.get("input_size") or (3, 224, 224))
@@ -120,7 +120,7 @@ DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "inter
 
 
 def timm_config(
-    model: InfLoRAViT, architecture: str, kwargs: Mapping[str, Any], num_classes: int, label_names: Optional[list],
+    model: LowRankViT, architecture: str, kwargs: Mapping[str, Any], num_classes: int, label_names: Optional[list],
     data_config: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """The timm part of ``config.json``: what ``timm.create_model("local-dir:...")`` reads. ``data_config``
@@ -228,7 +228,7 @@ def export_timm_checkpoint(
     learned), ``class_names`` / ``label_names`` (per column, when given) and ``task_classes``.
 
     Args:
-        model: an :class:`InfLoRAViT` (possibly wrapped, e.g. by DistributedDataParallel).
+        model: an :class:`InfLoRAViT` or another ``LowRankViT`` (possibly wrapped, e.g. by DistributedDataParallel).
         path: the folder to write (created; an existing folder may hold other files).
         class_names: names indexed by dataset label (a list, or a ``{label: name}`` dict).
         timm_kwargs: the keyword arguments the backbone was created with (``img_size``, ``dynamic_img_size``, ...);
@@ -244,8 +244,8 @@ def export_timm_checkpoint(
     Returns the content of ``config.json``.
     """
     inner = getattr(model, "module", model)
-    if not isinstance(inner, InfLoRAViT):
-        raise TypeError(f"export needs an InfLoRAViT model, got {type(inner).__name__}")
+    if not isinstance(inner, LowRankViT):
+        raise TypeError(f"export needs an InfLoRAViT or SDLoRAViT model, got {type(inner).__name__}")
     folder = Path(path).expanduser()
     if folder.suffix == ".safetensors":
         raise ValueError(

@@ -179,6 +179,10 @@ class InfLoRALinear(LowRankLinear):
         self.down = weight.new_zeros(rank, self.in_features)
         self.up = nn.Parameter(weight.new_zeros(self.adapted_rows, rank))
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the open branch trains: its ``up`` (``down`` is designed and frozen)."""
+        return [self.up] if self.rank else []
+
     @torch.no_grad()
     def set_down(self, down: torch.Tensor) -> None:
         if down.shape != self.down.shape:

@@ -1,5 +1,5 @@
-"""``InfLoRAViT``: a timm Vision Transformer with InfLoRA branches on chosen linear layers of its blocks (by default
-the key and value rows of ``attn.qkv``) and one linear head per task."""
+"""``LowRankViT``: a timm Vision Transformer with per-task low-rank branches on chosen linear layers of its blocks and
+one linear head per task; ``InfLoRAViT``: InfLoRA's (by default on the key and value rows of ``attn.qkv``)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from .backbone import create_backbone
-from .lora import QKV_PARTS, InfLoRALinear, qkv_row_ranges
+from .lora import QKV_PARTS, InfLoRALinear, LowRankLinear, qkv_row_ranges
 
 BlockSelection = Union[None, int, Sequence[int]]
 TargetModules = Union[str, Sequence[str]]
 UNSEEN_CLASS_LOGIT = -1.0e4  # logit of classes no head covers yet: finite, so evaluation losses stay finite
 DEFAULT_TARGET_MODULES = ("attn.qkv",)  # the reference's: the key and value rows of the fused qkv
-DEFAULT_QKV_ROWS = ("k", "v")
 ALL_LINEAR = "all-linear"
 
 
@@ -42,7 +41,7 @@ def qkv_problem(block: nn.Module, index: int) -> Optional[str]:
     """
     attn = getattr(block, "attn", None)
     qkv = getattr(attn, "qkv", None)
-    qkv = qkv.base_layer if isinstance(qkv, InfLoRALinear) else qkv
+    qkv = qkv.base_layer if isinstance(qkv, LowRankLinear) else qkv
     if not isinstance(qkv, nn.Linear):
         if attn is None:
             kind = "no attention"
@@ -83,7 +82,7 @@ def block_linear_names(block: nn.Module) -> list[str]:
     """Names (relative to ``block``) of its ``nn.Linear`` layers, adapted or not, in module order."""
     names = []
     for name, module in block.named_modules():
-        if isinstance(module, InfLoRALinear):
+        if isinstance(module, LowRankLinear):
             names.append(name)
         elif isinstance(module, nn.Linear) and not name.endswith(".base_layer"):
             names.append(name)
@@ -109,9 +108,9 @@ def resolve_targets(block: nn.Module, index: int, targets: Sequence[str]) -> lis
             raise ValueError(f"target module {target!r} is not in block {index} ({type(block).__name__}); its linear "
                              f"layers are {', '.join(linear) or 'none'} (or pass 'all-linear')")
         for name in hits:
-            if not isinstance(modules[name], (nn.Linear, InfLoRALinear)):
+            if not isinstance(modules[name], (nn.Linear, LowRankLinear)):
                 raise ValueError(f"target module {target!r} is {name} in block {index}, a {type(modules[name]).__name__}, "
-                                 f"not an nn.Linear; InfLoRA adapts linear layers ({', '.join(linear) or 'none'})")
+                                 f"not an nn.Linear; branches go on linear layers ({', '.join(linear) or 'none'})")
         chosen.update(hits)
     return [n for n in linear if n in chosen]
 
@@ -156,12 +155,13 @@ def _resolve_blocks(selection: BlockSelection, depth: int) -> list[int]:
     return blocks
 
 
-def _wrap(block: nn.Module, name: str, full_name: str, qkv_rows: Sequence[str]) -> None:
+def _wrap(block: nn.Module, name: str, full_name: str, qkv_rows: Sequence[str], adapter_class: type,
+          join_qkv_rows: bool) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = block.get_submodule(parent_name) if parent_name else block
     layer = getattr(parent, attr)
-    rows = qkv_row_ranges(layer.out_features, qkv_rows) if _is_fused_qkv(name) else None
-    adapter = InfLoRALinear(layer, rows, layer_name=full_name)
+    rows = qkv_row_ranges(layer.out_features, qkv_rows, join_qkv_rows) if _is_fused_qkv(name) else None
+    adapter = adapter_class(layer, rows, layer_name=full_name)
     # BEiT / EVA: make the attention call qkv(x) and add its q/v bias after it (its own alternative path).
     if attr == "qkv" and getattr(parent, "q_bias", None) is not None and getattr(parent, "qkv_bias_separate", True) is False:
         parent.qkv_bias_separate = True
@@ -178,8 +178,11 @@ def _unwrap(block: nn.Module, name: str) -> None:
     setattr(parent, attr, adapter.base_layer)
 
 
-class InfLoRAViT(nn.Module):
-    """A frozen timm ViT with per-task InfLoRA branches on chosen linear layers and per-task linear heads.
+class LowRankViT(nn.Module):
+    """A frozen timm ViT with per-task low-rank branches on chosen linear layers and per-task linear heads: what the
+    low-rank continual methods share (:class:`InfLoRAViT`, :class:`~inflora_avalanche.sdlora.SDLoRAViT`). A subclass
+    names its adapter (``adapter_class``, a :class:`~inflora_avalanche.lora.LowRankLinear` with ``start_branch(rank)``,
+    ``finish_branch()``, ``rank`` and ``trainable_parameters()``) and its default qkv rows.
 
     Args:
         backbone: a timm model name (e.g. ``"vit_base_patch16_224.augreg_in21k"``) or a timm ViT instance.
@@ -190,8 +193,8 @@ class InfLoRAViT(nn.Module):
             whose name ends with ``"." + name``), or ``"all-linear"``. Default: ``("attn.qkv",)``, the reference's.
             A name that matches no module, or a module that is not an ``nn.Linear`` or is not called as a module, is
             refused here in one line.
-        qkv_rows: the rows of a fused ``qkv`` target that get branches: any of ``"q"``, ``"k"``, ``"v"``. Default
-            ``("k", "v")``, the reference's; other targets get branches on all their rows.
+        qkv_rows: the rows of a fused ``qkv`` target that get branches: any of ``"q"``, ``"k"``, ``"v"``. Default:
+            the method's (``default_qkv_rows``); other targets get branches on all their rows.
         pretrained: load timm's pretrained weights (downloads them unless cached).
         checkpoint_path: a local weights file to load instead (works offline).
         num_classes: width of the output (classes are indexed by their dataset label). ``None`` grows it to the
@@ -207,6 +210,10 @@ class InfLoRAViT(nn.Module):
     input size, mean and std).
     """
 
+    adapter_class: type = LowRankLinear  # set by each method's model
+    default_qkv_rows: tuple[str, ...] = ("k", "v")
+    join_qkv_rows = True  # adjacent qkv parts share one branch (InfLoRA's k|v); False: one branch per projection
+
     def __init__(
         self,
         backbone: Union[str, nn.Module],
@@ -221,6 +228,8 @@ class InfLoRAViT(nn.Module):
     ) -> None:
         super().__init__()
         self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # to rebuild the architecture (e.g. for export)
+        if self.adapter_class is LowRankLinear:
+            raise TypeError(f"{type(self).__name__} is a base class: build an InfLoRAViT or an SDLoRAViT")
         if isinstance(backbone, str):
             self.backbone_name = backbone
             backbone = create_backbone(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, **timm_kwargs)
@@ -243,7 +252,7 @@ class InfLoRAViT(nn.Module):
         self.feature_dim = int(width)
         self.adapted_blocks: list[int] = []
         self.target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-        self.qkv_rows: tuple[str, ...] = DEFAULT_QKV_ROWS
+        self.qkv_rows: tuple[str, ...] = self.default_qkv_rows
         self.adapted_layers: list[str] = []  # names relative to the backbone, e.g. "blocks.3.attn.qkv"
         self.rank = rank
         self.heads = nn.ModuleList()
@@ -277,7 +286,7 @@ class InfLoRAViT(nn.Module):
             rows = self.qkv_rows if qkv_rows is None else normalize_qkv_rows(qkv_rows)
             plan = {i: self._targets_of_block(blocks[i], i, targets) for i in wanted}
             has_qkv = any(_is_fused_qkv(n) for names in plan.values() for n in names)
-            if rows != DEFAULT_QKV_ROWS and not has_qkv:
+            if rows != self.default_qkv_rows and not has_qkv:
                 raise ValueError(f"qkv_rows={list(rows)} applies to a fused qkv layer, but target_modules="
                                  f"{list(targets)} selects none; add 'attn.qkv' or leave qkv_rows at its default")
             for name in list(self.adapted_layers):
@@ -286,7 +295,7 @@ class InfLoRAViT(nn.Module):
             self.adapted_layers = []
             for i, names in plan.items():
                 for name in names:
-                    _wrap(blocks[i], name, f"blocks.{i}.{name}", rows)
+                    _wrap(blocks[i], name, f"blocks.{i}.{name}", rows, self.adapter_class, self.join_qkv_rows)
                     self.adapted_layers.append(f"blocks.{i}.{name}")
             self.adapted_blocks, self.target_modules, self.qkv_rows = wanted, targets, rows
         if rank is not None:
@@ -315,7 +324,7 @@ class InfLoRAViT(nn.Module):
                 raise ValueError(f"backbone {self.backbone_name!r} is not supported: {problem}; {hint}")
         return names
 
-    def adapters(self) -> Iterator[tuple[str, InfLoRALinear]]:
+    def adapters(self) -> Iterator[tuple[str, LowRankLinear]]:
         """``(name, adapter)`` for every adapted layer, in block order, then in module order within a block (names
         relative to the backbone, e.g. ``"blocks.3.attn.qkv"``)."""
         for name in self.adapted_layers:
@@ -340,14 +349,15 @@ class InfLoRAViT(nn.Module):
         return max(self.num_classes or 0, seen)
 
     def start_task(self, classes: Sequence[int]) -> int:
-        """Add a head for ``classes`` and open a zero branch (to be designed) in every adapted layer."""
+        """Add a head for ``classes`` and open a new branch of rank ``rank`` in every adapted layer (how it starts is
+        the adapter's: InfLoRA's is zero and designed next, SD-LoRA's is initialised to train)."""
         classes = [int(c) for c in classes]
         if not classes:
             raise ValueError("an experience with no classes cannot be learned: the experience is empty")
         overlap = set(classes) & set(self.seen_classes)
         if overlap:
             raise ValueError(
-                f"classes {sorted(overlap)} were already learned in an earlier task; InfLoRA is class-incremental "
+                f"classes {sorted(overlap)} were already learned in an earlier task; these methods are class-incremental "
                 "and needs disjoint classes per experience"
             )
         if self.task_open:
@@ -362,7 +372,8 @@ class InfLoRAViT(nn.Module):
         return len(self.heads) - 1
 
     def finish_task(self) -> None:
-        """Freeze the current task: merge its branches into ``qkv`` and stop its head's training."""
+        """Close the current task: every adapter finishes its branch (InfLoRA merges it into the layer) and the
+        task's head stops training."""
         for _, adapter in self.adapters():
             adapter.finish_branch()
         for param in self.heads.parameters():
@@ -370,14 +381,16 @@ class InfLoRAViT(nn.Module):
             param.grad = None  # free the finished task's training state
 
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The parameters InfLoRA trains for the open task, by group: ``"branches"`` (every adapted layer's
-        up-projection) and ``"head"`` (the task's head). Empty when no task is open."""
+        """The parameters trained for the open task, by group: ``"branches"`` (what every adapted layer trains: its
+        ``trainable_parameters()``) and ``"head"`` (the task's head); subclasses may add groups. Empty lists when no
+        task is open."""
         if not self.task_open:
             return {"branches": [], "head": []}
-        return {"branches": [adapter.up for _, adapter in self.adapters()], "head": list(self.heads[-1].parameters())}
+        branches = [p for _, adapter in self.adapters() for p in adapter.trainable_parameters()]
+        return {"branches": branches, "head": list(self.heads[-1].parameters())}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The open task's up-projections and head: the only parameters InfLoRA trains."""
+        """Every parameter trained for the open task (all groups)."""
         return [p for group in self.trainable_parameter_groups().values() for p in group]
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
@@ -402,20 +415,12 @@ class InfLoRAViT(nn.Module):
         weight learning changes (merges)."""
         return any(name.startswith(layer + ".") for layer in self.adapted_layers)
 
-    def merge(self) -> None:
-        for _, adapter in self.adapters():
-            adapter.merge()
-
-    def unmerge(self) -> None:
-        for _, adapter in self.adapters():
-            adapter.unmerge()
-
     def _refresh_class_index(self) -> None:
         device = self._class_index.device
         self._class_index = torch.tensor(self.seen_classes, dtype=torch.long, device=device)
 
     # ----------------------------------------------------------------------------------------------- forward
-    def train(self, mode: bool = True) -> "InfLoRAViT":
+    def train(self, mode: bool = True) -> "LowRankViT":
         # The backbone always runs in eval mode (no dropout or drop-path), as in the reference.
         super().train(mode)
         self.backbone.eval()
@@ -506,3 +511,22 @@ class InfLoRAViT(nn.Module):
         for i, head in enumerate(self.heads):
             head.requires_grad_(bool(state["task_open"]) and i == len(self.heads) - 1)
         self._refresh_class_index()
+
+
+class InfLoRAViT(LowRankViT):
+    """InfLoRA's model: a :class:`LowRankViT` whose adapters are :class:`~inflora_avalanche.lora.InfLoRALinear`
+    (a designed, frozen ``down`` and a trained ``up`` per task, merged into the layer when the task ends), by default
+    on the key and value rows of every block's ``attn.qkv`` (the reference's). Arguments: see :class:`LowRankViT`."""
+
+    adapter_class = InfLoRALinear
+    default_qkv_rows = ("k", "v")
+
+    def merge(self) -> None:
+        """Fold every finished branch into its layer (the default state)."""
+        for _, adapter in self.adapters():
+            adapter.merge()
+
+    def unmerge(self) -> None:
+        """Take the finished branches out of the layers; the forward then re-sums them (the reference's way)."""
+        for _, adapter in self.adapters():
+            adapter.unmerge()

@@ -10,7 +10,7 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from .distributed import all_reduce_sum_, broadcast_
-from .model import InfLoRAViT
+from .model import InfLoRAViT, LowRankViT
 from .subspace import (
     MEMORY_ALGORITHMS,
     CovarianceAccumulator,
@@ -22,11 +22,12 @@ from .subspace import (
 )
 
 
-def unwrap_model(model: nn.Module) -> InfLoRAViT:
-    """The ``InfLoRAViT`` inside ``model`` (which may be wrapped, e.g. by DistributedDataParallel)."""
+def unwrap_model(model: nn.Module) -> LowRankViT:
+    """The ``LowRankViT`` (an ``InfLoRAViT``, an ``SDLoRAViT``) inside ``model`` (which may be wrapped, e.g. by
+    DistributedDataParallel)."""
     inner = getattr(model, "module", model)
-    if not isinstance(inner, InfLoRAViT):
-        raise TypeError(f"InfLoRA plugins need an InfLoRAViT model, got {type(inner).__name__}")
+    if not isinstance(inner, LowRankViT):
+        raise TypeError(f"these plugins need an InfLoRAViT or SDLoRAViT model, got {type(inner).__name__}")
     return inner
 
 
@@ -179,6 +180,9 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
     # ----------------------------------------------------------------------------------------------- callbacks
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = unwrap_model(strategy.model)
+        if not isinstance(model, InfLoRAViT):
+            raise TypeError(f"SubspaceUpdatePlugin designs InfLoRA branches: it needs an InfLoRAViT, got "
+                            f"{type(model).__name__}")
         if self.num_tasks is None:
             self.num_tasks = stream_length(strategy.experience)
             if self.num_tasks is None:

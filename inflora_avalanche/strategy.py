@@ -1,4 +1,4 @@
-"""``InfLoRAStrategy``: InfLoRA as an Avalanche ``SupervisedTemplate``."""
+"""``LowRankStrategy``: the Avalanche ``SupervisedTemplate`` of the low-rank continual methods; ``InfLoRAStrategy``: InfLoRA."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as ddp
 from . import training
-from .model import UNSEEN_CLASS_LOGIT, BlockSelection, InfLoRAViT
+from .model import UNSEEN_CLASS_LOGIT, BlockSelection, InfLoRAViT, LowRankViT
 from .plugins import ForwardContext, SubspaceUpdatePlugin, experience_classes, unwrap_model
 from .subspace import MEMORY_ALGORITHMS, validate_thresholds
 from .training import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, cosine_annealing_factor, reference_cosine_factor
 
-__all__ = ["InfLoRAStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "cosine_annealing_factor",
+__all__ = ["InfLoRAStrategy", "LowRankStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "cosine_annealing_factor",
            "reference_cosine_factor"]
 
 
@@ -66,33 +66,30 @@ def check_plugins(plugins: Sequence[Any], input_transform: Any = None) -> None:
             )
 
 
-class InfLoRAStrategy(SupervisedTemplate):
-    """InfLoRA: per task, train low-rank branches (on the layers the model adapts) whose inputs avoid the old tasks'
-    subspace.
+class LowRankStrategy(SupervisedTemplate):
+    """What the low-rank continual methods share (:class:`InfLoRAStrategy`, ``SDLoRAStrategy``): per task, train the
+    new low-rank branches of a :class:`~inflora_avalanche.model.LowRankViT` and a new head.
 
-    The strategy owns each task's lifecycle: it opens the task (a head and a zero branch in every adapted layer) when
-    the experience starts, trains what the model says is trainable (``trainable_parameter_groups()``: the open
-    branches' up-projections and the task's head), and closes the task when training ends: the memory plugins update
-    their memories (``update_memory(strategy)``) with the trained branch live, then the branches are merged and the
-    head frozen, before the other plugins' ``after_training_exp``. Training runs on the task's own classes (an
-    experience with a single class is trained against every seen class: alone its loss would be 0). A sample of an
-    earlier task (e.g. from a ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current
-    branches. Evaluation uses every seen head (class-incremental), or with ``eval_task_labels`` only the classes
-    trained under the sample's task label. A :class:`SubspaceUpdatePlugin` (designs branches, updates the memories)
-    is added unless one is passed in ``plugins``.
+    The strategy owns each task's lifecycle: it opens the task (a head and a new branch in every adapted layer) when
+    the experience starts, trains what the model says is trainable (``trainable_parameter_groups()``: the branches'
+    group at ``lr``, the head's at ``head_lr``, any other group the model declares at ``lr``), and closes the task
+    when training ends: plugins with ``update_memory(strategy)`` update their memories with the trained branch live,
+    then the model finishes the task (its adapters close their branches, the head is frozen), before the other
+    plugins' ``after_training_exp``. Training runs on the task's own classes (an experience with a single class is
+    trained against every seen class: alone its loss would be 0). A sample of an earlier task (e.g. from a
+    ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current branches. Evaluation
+    uses every seen head (class-incremental), or with ``eval_task_labels`` only the classes trained under the
+    sample's task label.
 
     Args:
-        model: an :class:`InfLoRAViT`.
-        lr: learning rate of the up-projections (and of the head unless ``head_lr`` is set).
+        model: a :class:`~inflora_avalanche.model.LowRankViT`.
+        lr: learning rate of the branches (and of the head unless ``head_lr`` is set).
         optimizer: ``"adam"`` (reference default, betas ``betas``) or ``"sgd"`` (``momentum``); or pass
             ``optimizer_factory(param_groups) -> Optimizer`` to bring your own (it gets the branches' group and the
             head's group with their ``lr``).
         lr_schedule: ``"cosine"`` (the reference's CosineSchedule), ``"annealing"`` (torch's CosineAnnealingLR),
             ``"step"`` (x ``gamma`` at each of ``milestones`` epochs) or ``"constant"``; or pass
             ``scheduler_factory(optimizer, epochs) -> scheduler``, stepped after every epoch of every task.
-        rank, adapted_blocks: override the model's settings (only before its first task).
-        lamb, lame, memory, num_tasks: the subspace memory settings of the default plugin (``num_tasks`` is read
-            from the stream when omitted; a slice of a stream needs it).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
         input_transform: ``f(x, training) -> x`` applied to each minibatch on the device before the model (batched
             augmentation on the accelerator); plugins' own passes use it too (:meth:`forward_context`).
@@ -110,7 +107,7 @@ class InfLoRAStrategy(SupervisedTemplate):
     def __init__(
         self,
         *,
-        model: InfLoRAViT,
+        model: LowRankViT,
         lr: float = 5e-4,
         optimizer: str = "adam",
         betas: tuple[float, float] = (0.9, 0.999),
@@ -122,12 +119,6 @@ class InfLoRAStrategy(SupervisedTemplate):
         gamma: float = 0.1,
         optimizer_factory: Optional[training.OptimizerFactory] = None,
         scheduler_factory: Optional[training.SchedulerFactory] = None,
-        rank: Optional[int] = None,
-        adapted_blocks: BlockSelection = None,
-        lamb: float = 0.95,
-        lame: float = 1.0,
-        memory: str = "dualgpm",
-        num_tasks: Optional[int] = None,
         precision: str = "auto",
         input_transform: Optional[Callable[[torch.Tensor, bool], torch.Tensor]] = None,
         compile: bool = False,
@@ -142,14 +133,11 @@ class InfLoRAStrategy(SupervisedTemplate):
         eval_every: int = -1,
         **kwargs: Any,
     ) -> None:
-        inner = unwrap_model(model)
+        unwrap_model(model)  # a LowRankViT, or a one-line TypeError
         if not lr > 0 or (head_lr is not None and not head_lr > 0):
             raise ValueError(f"learning rates must be positive, got lr={lr}, head_lr={head_lr}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if memory not in MEMORY_ALGORITHMS:
-            raise ValueError(f"memory must be one of {MEMORY_ALGORITHMS}, got {memory!r}")
-        validate_thresholds(lamb, lame)
         if train_mb_size < 1 or train_epochs < 1:
             raise ValueError(f"train_mb_size and train_epochs must be >= 1, got {train_mb_size}, {train_epochs}")
         if train_mb_size % ddp.world_size():
@@ -161,15 +149,8 @@ class InfLoRAStrategy(SupervisedTemplate):
         self.optimizer_factory = optimizer_factory or training.optimizer_factory(
             optimizer, betas, momentum, weight_decay, fused)
         self.scheduler_factory = scheduler_factory or training.epoch_scheduler(lr_schedule, milestones, gamma)
-        if rank is not None or adapted_blocks is not None:
-            inner.configure(rank=rank, adapted_blocks=adapted_blocks)
-
         plugins = list(plugins or [])
         check_plugins(plugins, input_transform)
-        self.subspace_plugin = next((p for p in plugins if isinstance(p, SubspaceUpdatePlugin)), None)
-        if self.subspace_plugin is None:
-            self.subspace_plugin = SubspaceUpdatePlugin(lamb=lamb, lame=lame, memory=memory, num_tasks=num_tasks)
-            plugins.insert(0, self.subspace_plugin)
 
         self.lr = lr
         self.head_lr = head_lr if head_lr is not None else lr
@@ -270,8 +251,8 @@ class InfLoRAStrategy(SupervisedTemplate):
         if not inner.task_open:
             return
         groups = inner.trainable_parameter_groups()
-        self.optimizer = self.optimizer_factory([{"params": groups["branches"], "lr": self.lr},
-                                                 {"params": groups["head"], "lr": self.head_lr}])
+        self.optimizer = self.optimizer_factory([{"params": params, "lr": self.head_lr if name == "head" else self.lr}
+                                                 for name, params in groups.items()])
         self.lr_scheduler = self.scheduler_factory(self.optimizer, self.train_epochs)
 
     # ----------------------------------------------------------------------------------------------- data
@@ -426,3 +407,46 @@ class InfLoRAStrategy(SupervisedTemplate):
         from .strategy_state import load_strategy_state
 
         load_strategy_state(self, state)
+
+
+class InfLoRAStrategy(LowRankStrategy):
+    """InfLoRA: per task, train low-rank branches (on the layers the model adapts) whose inputs avoid the old tasks'
+    subspace. A :class:`LowRankStrategy` with a :class:`SubspaceUpdatePlugin` (designs each branch's ``down`` before
+    the task, updates the memories when it closes), added unless one is passed in ``plugins``.
+
+    Args:
+        model: an :class:`~inflora_avalanche.model.InfLoRAViT`.
+        rank, adapted_blocks: override the model's settings (only before its first task).
+        lamb, lame, memory, num_tasks: the subspace memory settings of the default plugin (``num_tasks`` is read
+            from the stream when omitted; a slice of a stream needs it).
+        Other arguments: those of :class:`LowRankStrategy` (learning rates, optimiser and schedule, precision,
+        input transform, compile, task labels) and of Avalanche's ``SupervisedTemplate``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: InfLoRAViT,
+        rank: Optional[int] = None,
+        adapted_blocks: BlockSelection = None,
+        lamb: float = 0.95,
+        lame: float = 1.0,
+        memory: str = "dualgpm",
+        num_tasks: Optional[int] = None,
+        plugins: Optional[Sequence[BasePlugin]] = None,
+        **kwargs: Any,
+    ) -> None:
+        inner = unwrap_model(model)
+        if not isinstance(inner, InfLoRAViT):
+            raise TypeError(f"InfLoRAStrategy needs an InfLoRAViT model, got {type(inner).__name__}")
+        if memory not in MEMORY_ALGORITHMS:
+            raise ValueError(f"memory must be one of {MEMORY_ALGORITHMS}, got {memory!r}")
+        validate_thresholds(lamb, lame)
+        if rank is not None or adapted_blocks is not None:
+            inner.configure(rank=rank, adapted_blocks=adapted_blocks)
+        plugins = list(plugins or [])
+        self.subspace_plugin = next((p for p in plugins if isinstance(p, SubspaceUpdatePlugin)), None)
+        if self.subspace_plugin is None:
+            self.subspace_plugin = SubspaceUpdatePlugin(lamb=lamb, lame=lame, memory=memory, num_tasks=num_tasks)
+            plugins.insert(0, self.subspace_plugin)
+        super().__init__(model=model, plugins=plugins, **kwargs)
