@@ -367,9 +367,14 @@ class LowRankViT(nn.Module):
         self.heads.append(head)
         self.task_classes.append(classes)
         self._refresh_class_index()
+        task = len(self.heads) - 1
         for _, adapter in self.adapters():
-            adapter.start_branch(self.rank)
-        return len(self.heads) - 1
+            adapter.start_branch(self.branch_rank(task))
+        return task
+
+    def branch_rank(self, task: int) -> int:
+        """The rank of task ``task``'s branches (``rank``; a method may schedule it)."""
+        return self.rank
 
     def finish_task(self) -> None:
         """Close the current task: every adapter finishes its branch (InfLoRA merges it into the layer) and the
