@@ -103,7 +103,8 @@ def test_gradients_equal_the_official_code_on_the_first_step_of_a_task(official)
     assert alpha_grad[2] == 0 and grads["alpha.cur"].abs().max() == 0
     trained = {id(p) for p in model.trainable_parameters()}
     assert {n for n, p in model.named_parameters() if p.grad is not None and id(p) not in trained} == set()
-    assert all(p.grad is not None for p in model.trainable_parameters())  # the ViT and old pairs get none
+    groups = model.trainable_parameter_groups()  # features only: the head is not on this path
+    assert all(p.grad is not None for p in groups["branches"] + groups["magnitudes"])
 
 
 def test_gradients_with_trained_pairs_equal_the_official_code(official):
