@@ -21,7 +21,7 @@ from .plugins import ForwardContext, SubspaceUpdatePlugin, experience_classes, u
 from .subspace import MEMORY_ALGORITHMS, validate_thresholds
 from .training import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, cosine_annealing_factor, reference_cosine_factor
 
-__all__ = ["InfLoRAStrategy", "LowRankStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "cosine_annealing_factor",
+__all__ = ["InfLoRAStrategy", "LowRankStrategy", "SDLoRAStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "cosine_annealing_factor",
            "reference_cosine_factor"]
 
 
@@ -450,3 +450,37 @@ class InfLoRAStrategy(LowRankStrategy):
             self.subspace_plugin = SubspaceUpdatePlugin(lamb=lamb, lame=lame, memory=memory, num_tasks=num_tasks)
             plugins.insert(0, self.subspace_plugin)
         super().__init__(model=model, plugins=plugins, **kwargs)
+
+
+class SDLoRAStrategy(LowRankStrategy):
+    """SD-LoRA (Wu et al., ICLR 2025) as its official code trains it: per task, a new low-rank pair in every adapted
+    layer (both factors trained), the magnitudes of every task so far (shared by all layers; the model resets them
+    when a task starts unless told to keep them) and the task's head, with cross-entropy on the task's own head.
+    A :class:`LowRankStrategy` on an :class:`~inflora_avalanche.sdlora.SDLoRAViT` with the official optimiser as
+    its defaults: SGD with momentum 0.9, no weight decay, the rate multiplied by ``gamma`` at each of ``milestones``
+    epochs (none: constant), rebuilt for every task.
+
+    Args:
+        model: an :class:`~inflora_avalanche.sdlora.SDLoRAViT`.
+        fold_for_eval: evaluate with every branch folded into the weights (one plain linear per layer, however
+            many tasks came before), restored bit for bit afterwards; training never sees folded weights.
+        Other arguments: those of :class:`LowRankStrategy` and of Avalanche's ``SupervisedTemplate``.
+    """
+
+    def __init__(self, *, model: nn.Module, lr: float = 8e-3, optimizer: str = "sgd", momentum: float = 0.9,
+                 lr_schedule: str = "step", milestones: Sequence[int] = (), gamma: float = 0.1,
+                 fold_for_eval: bool = True, **kwargs: Any) -> None:
+        from .sdlora import SDLoRAViT
+
+        inner = unwrap_model(model)
+        if not isinstance(inner, SDLoRAViT):
+            raise TypeError(f"SDLoRAStrategy needs an SDLoRAViT model, got {type(inner).__name__}")
+        self.fold_for_eval = bool(fold_for_eval)
+        super().__init__(model=model, lr=lr, optimizer=optimizer, momentum=momentum, lr_schedule=lr_schedule,
+                         milestones=milestones, gamma=gamma, **kwargs)
+
+    def eval(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.fold_for_eval:
+            return super().eval(*args, **kwargs)
+        with unwrap_model(self.model).folded():
+            return super().eval(*args, **kwargs)

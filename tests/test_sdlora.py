@@ -198,3 +198,75 @@ def test_state_round_trip_continues_exactly(official):
     for m in (model, fresh):
         m.start_task([50, 51])
     assert fresh.magnitudes.shape == model.magnitudes.shape == (4,)
+
+
+# ----------------------------------------------------------------------------------------------- the strategy
+def _sd_strategy(seed=0, **kwargs):
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from inflora_avalanche import SDLoRAStrategy
+
+    torch.manual_seed(seed)
+    model = SDLoRAViT(tiny_vit(seed=seed), rank=2)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    return SDLoRAStrategy(model=model, lr=5e-2, train_epochs=2, train_mb_size=8, evaluator=evaluator, **kwargs)
+
+
+def _sd_bench():
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
+
+    from conftest import SyntheticImages
+
+    classes = list(range(6))
+    return nc_benchmark(SyntheticImages(classes, 12, 0), SyntheticImages(classes, 6, 1), n_experiences=3,
+                        task_labels=False, seed=0, fixed_class_order=classes)
+
+
+def test_strategy_learns_trains_the_official_parameters_and_evaluates_folded():
+    strategy = _sd_strategy()
+    model = strategy.model
+    bench = _sd_bench()
+    seen_groups = []
+
+    class Groups:  # the optimiser of each task: SGD with momentum over pairs, head and magnitudes
+        def before_training_epoch(self, strategy, **kwargs):
+            opt = strategy.optimizer
+            seen_groups.append((type(opt).__name__, opt.defaults["momentum"],
+                                sum(p.numel() for g in opt.param_groups for p in g["params"])))
+
+    strategy.plugins.append(Groups())
+    for t, experience in enumerate(bench.train_stream):
+        weights = {n: a.base_layer.weight.clone() for n, a in model.adapters()}
+        strategy.train(experience)
+        results = strategy.eval(bench.test_stream[: t + 1])
+        for n, a in model.adapters():  # training and the folded evaluation leave the frozen weights exactly
+            assert torch.equal(a.base_layer.weight, weights[n]) and not a.folded
+    accuracy = next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream"))
+    assert accuracy > 0.5, results  # 6 classes: chance is 1/6
+    assert model.magnitudes.numel() == 3 and not torch.allclose(model.magnitudes, torch.full((3,), 0.8))
+    pairs = 2 * 2 * (2 * 32 + 32 * 2)  # blocks x (q, v) x (A + B) at rank 2, width 32
+    assert seen_groups[0] == ("SGD", 0.9, pairs + (32 * 2 + 2) + 1)
+    assert seen_groups[-1] == ("SGD", 0.9, pairs + (32 * 2 + 2) + 3)
+
+
+def test_sdlora_restore_continues_exactly(tmp_path):
+    from inflora_avalanche import load_strategy, save_strategy
+
+    bench = _sd_bench()
+    uninterrupted = _sd_strategy()
+    uninterrupted.train(bench.train_stream[0])
+    uninterrupted.eval(bench.test_stream[:1])
+    save_strategy(uninterrupted, tmp_path / "ckpt.safetensors")
+    uninterrupted.train(bench.train_stream[1])
+    expected = uninterrupted.eval(bench.test_stream[:2])
+    torch.manual_seed(99)
+    restored = _sd_strategy()
+    load_strategy(restored, tmp_path / "ckpt.safetensors")
+    restored.train(bench.train_stream[1])
+    assert restored.eval(bench.test_stream[:2]) == expected
+    a, b = uninterrupted.model.state_dict(), restored.model.state_dict()
+    assert set(a) == set(b)
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
