@@ -64,12 +64,15 @@ EXPECTED_TRAINABLE = {
     "lwf": [TINY_VIT_PARAMS + HEAD] * 2,
     "joint": [TINY_VIT_PARAMS + HEAD],
     "l2p": [10 * 5 * WIDTH + 10 * WIDTH + HEAD] * 2,  # prompt pool, prompt keys, head
+    # SD-LoRA: A and B on q and v of every block, the head, and the magnitudes of every task so far
+    "sd_lora": [DEPTH * 2 * 2 * WIDTH * 10 + TASK_HEAD + 1, DEPTH * 2 * 2 * WIDTH * 10 + TASK_HEAD + 2],
 }
 #: Distinct parameters trained over the whole stream: InfLoRA-style methods add new branches (and a head) per task.
 EXPECTED_TOTAL = {
     "inflora": 2 * EXPECTED_TRAINABLE["inflora"][0],
     "seq_lora": 2 * EXPECTED_TRAINABLE["seq_lora"][0],
     "inflora_ca": 2 * _branches(5, DEPTH) + 2 * TASK_HEAD,
+    "sd_lora": sum(EXPECTED_TRAINABLE["sd_lora"]),  # new pairs, head and magnitudes every task
     **{m: EXPECTED_TRAINABLE[m][0] for m in ("linear_probe", "naive", "ewc", "lwf", "joint", "l2p")},
 }
 

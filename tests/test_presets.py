@@ -193,7 +193,8 @@ def _ca_plugin_defaults() -> dict:
 def test_the_twelve_paper_presets_are_exactly_those_with_a_method():
     assert len(REFERENCE) == 12
     paper = {p.stem for p in PRESETS.glob("*.json")
-             if json.loads(p.read_text()).get("backbone") == "vit_base_patch16_224.augreg_in21k"}
+             if json.loads(p.read_text()).get("backbone") == "vit_base_patch16_224.augreg_in21k"
+             and json.loads(p.read_text()).get("method") != "sd_lora"}
     assert paper == set(REFERENCE)
     for name in REFERENCE:
         assert _load(name)["method"] in METHODS
@@ -250,3 +251,46 @@ def test_annealing_schedule_is_torchs_cosine_annealing_per_epoch():
             assert cosine_annealing_factor(epoch, epochs) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
             optimizer.step()
             scheduler.step()
+
+
+# ----------------------------------------------------------------------------------------------------- SD-LoRA
+# The official code's settings (WuYichen-97/SD-Lora-CL, exps/sdlora_{c100,inr,dom}.json and models/sdlora.py as
+# described in ../shared/docs/sdlora-algorithm.md): SGD with momentum 0.9, no weight decay, rank 10 on q and v,
+# batch 128, the IN-21k + IN-1k weights requested by their full timm tag, class order np.random.permutation(seed).
+def _permutation(seed: int, n: int) -> list[int]:
+    import numpy as np
+
+    return [int(c) for c in np.random.RandomState(seed).permutation(n)]
+
+
+SDLORA_COMMON = {"method": "sd_lora", "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "rank": 10,
+                 "qkv_rows": ["q", "v"], "target_modules": ["attn.qkv"], "batch_size": 128, "resolution": 224,
+                 "backbone": "vit_base_patch16_224.augreg2_in21k_ft_in1k", "reset_magnitudes": True,
+                 "magnitude_init": 0.8, "rank_reduction": False, "lr_schedule": "step"}
+SDLORA_REFERENCE = {
+    "cifar100_sdlora": {"benchmark": "split_cifar100", "n_experiences": 10, "epochs": 20, "lr": 0.008,
+                        "milestones": [], "class_order": _permutation(1993, 100)},
+    **{f"imagenet_r_{n}_sdlora": {"benchmark": "imagenet_r", "n_experiences": n, "epochs": 20, "lr": 0.01,
+                                   "milestones": [], "class_order": _permutation(1995, 200)} for n in (5, 10, 20)},
+    "domainnet_sdlora": {"benchmark": "domainnet", "n_experiences": 5, "epochs": 10, "lr": 0.02,
+                         "milestones": [4, 6, 8], "gamma": 0.005},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SDLORA_REFERENCE))
+def test_sdlora_preset_matches_the_official_settings(name):
+    ours = layered_config(name, None, {"data_root": "data"})
+    expected = {**SDLORA_COMMON, **SDLORA_REFERENCE[name]}
+    wrong = {k: (ours.get(k), v) for k, v in expected.items() if ours.get(k) != v}
+    assert not wrong, f"{name}: {wrong}"
+    assert _permutation(1993, 100)[:5] == [68, 56, 78, 8, 23]  # as the official CIFAR log starts
+
+
+@pytest.mark.parametrize("fair, inflora", [("cifar100_sdlora_fair", "cifar100_inflora"),
+                                           ("imagenet_r_10_sdlora_fair", "imagenet_r_10")])
+def test_fair_sdlora_presets_share_inflora_backbone_stream_and_budget(fair, inflora):
+    ours, theirs = layered_config(fair, None, {"data_root": "data"}), layered_config(inflora, None, {"data_root": "data"})
+    shared = ("backbone", "benchmark", "n_experiences", "class_order", "split_seed", "test_fraction", "resolution",
+              "normalize", "epochs", "batch_size", "seeds", "rank", "target_modules", "adapted_blocks")
+    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert ours["method"] == "sd_lora" and ours["optimizer"] == "sgd" and ours["qkv_rows"] == ["q", "v"]

@@ -30,7 +30,7 @@ def test_every_preset_and_method_validates():
     presets = P.list_presets()
     assert set(PAPER_PRESETS + [P.DEMO_PRESET, "synthetic_smoke", "tinyimagenet_dinov2"]) <= set(presets)
     assert set(P.list_method_presets()) == {"inflora", "inflora_b5", "inflora_ca", "seq_lora", "linear_probe", "naive",
-                                            "ewc", "lwf", "l2p", "joint"}
+                                            "ewc", "lwf", "l2p", "joint", "sd_lora"}
     for name in presets:
         config = P.layered_config(name, None, {"data_root": P.load_preset(name).get("data_root") or "images"})
         assert config["preset"] == name and config["method"] == P.load_preset(name).get("method", "inflora")

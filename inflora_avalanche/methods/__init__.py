@@ -22,7 +22,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from .settings import FINETUNE, INFLORA, OPTIMISER, EWC_SETTINGS, L2P_SETTINGS, LWF_SETTINGS, Settings
+from .settings import (EWC_SETTINGS, FINETUNE, INFLORA, L2P_SETTINGS, LOW_RANK, LWF_SETTINGS, OPTIMISER, SDLORA,
+                       Settings)
 
 # ------------------------------------------------------------------------------------------------- capabilities
 RESUME = "resume"  # its strategy's state goes into the checkpoint after every experience: --resume continues exactly
@@ -81,7 +82,7 @@ def _function(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), function)
 
 
-_INFLORA_SETTINGS = (INFLORA, OPTIMISER)
+_INFLORA_SETTINGS = (LOW_RANK, INFLORA, OPTIMISER)
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
@@ -89,6 +90,8 @@ REGISTRY: dict[str, Method] = {
         Method("inflora_b5", "inflora:build_model", "inflora:inflora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
         Method("inflora_ca", "inflora:build_model", "inflora:inflora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
         Method("seq_lora", "inflora:build_model", "inflora:seq_lora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
+        Method("sd_lora", "sdlora:build_model", "sdlora:sd_lora_strategy", frozenset({RESUME, EXPORT, TORCHRUN,
+               SCHEDULES}), (LOW_RANK, SDLORA, OPTIMISER)),
         Method("linear_probe", "finetune:frozen_head_model", "finetune:naive_strategy"),
         Method("naive", "finetune:head_model", "finetune:naive_strategy", settings=(FINETUNE,)),
         Method("ewc", "finetune:head_model", "finetune:ewc_strategy", settings=(FINETUNE, EWC_SETTINGS)),

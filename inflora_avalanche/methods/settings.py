@@ -31,8 +31,7 @@ ALL_LINEAR = "all-linear"
 
 
 def check_inflora(config: dict) -> None:
-    """The thresholds grow from ``lamb`` to ``lame``; ``target_modules`` and ``qkv_rows`` name each layer or row once
-    (``qkv_rows`` is put in weight order, q k v)."""
+    """The thresholds grow from ``lamb`` to ``lame``."""
     c = config
     if not 0 < c["lamb"] <= 1:
         raise ConfigError(f"lamb must be in (0, 1], got {c['lamb']}; the paper uses 0.95 (CIFAR-100) or 0.98 "
@@ -42,6 +41,11 @@ def check_inflora(config: dict) -> None:
     if c["lame"] < c["lamb"]:
         raise ConfigError(f"lame ({c['lame']}) must be >= lamb ({c['lamb']}): the threshold grows from lamb to lame "
                           "over tasks")
+
+
+def check_low_rank(config: dict) -> None:
+    """``target_modules`` and ``qkv_rows`` name each layer or row once (``qkv_rows`` is put in weight order, q k v)."""
+    c = config
     targets = c["target_modules"]
     if any(not t.strip(".") or t != t.strip() for t in targets):
         raise ConfigError(f"--target-modules takes module names relative to a block (e.g. attn.qkv mlp.fc1) or "
@@ -57,7 +61,7 @@ def check_inflora(config: dict) -> None:
     c["qkv_rows"] = [p for p in QKV_PARTS if p in rows]
 
 
-INFLORA = Settings("InfLoRA", (
+LOW_RANK = Settings("low-rank branches", (
     _m("rank", "int", 10, "rank of each task's branches", minimum=1, resume="identity"),
     _m("adapted_blocks", "int_or_ints", None, "blocks with branches (N = the first N; a list of indices; default "
        "all)", nullable=True, resume="identity"),
@@ -65,7 +69,10 @@ INFLORA = Settings("InfLoRA", (
        f"name in the block (PEFT style: attn.qkv attn.proj mlp.fc1 mlp.fc2), or {ALL_LINEAR}", resume="identity",
        metavar="NAME"),
     _m("qkv_rows", "strs", ["k", "v"], f"rows of a fused attn.qkv that get branches: any of {names(QKV_PARTS)} "
-       "(the paper: k v)", choices=QKV_PARTS, resume="identity", metavar="ROW"),
+       "(InfLoRA's paper: k v; SD-LoRA's: q v)", choices=QKV_PARTS, resume="identity", metavar="ROW"),
+), check=check_low_rank)
+
+INFLORA = Settings("InfLoRA", (
     _m("reset_final_norm", "bool", False, "replace the backbone's final LayerNorm by a fresh one (InfLoRA+CA)",
        resume="identity"),
     _m("lamb", "float", 0.95, "threshold of the first task (eps_t = lamb + (lame - lamb) t / T)", resume="identity"),
@@ -74,6 +81,15 @@ INFLORA = Settings("InfLoRA", (
     _m("classifier_alignment", "json", None, "InfLoRA+CA: ClassifierAlignmentPlugin settings (JSON object; {} = its "
        "defaults)", nullable=True, resume="identity"),
 ), check=check_inflora)
+
+SDLORA = Settings("SD-LoRA", (
+    _m("reset_magnitudes", "bool", True, "re-create every task's magnitude at --magnitude-init when a task starts, "
+       "as the official code does (--no-reset-magnitudes keeps the learned ones)", resume="identity"),
+    _m("magnitude_init", "float", 0.8, "the value magnitudes start from (official: 0.8)", minimum=0,
+       resume="identity"),
+    _m("rank_reduction", "bool", False, "SD-LoRA-RR: rank 10 for tasks 0-3, 8 for 4-7, 6 from task 8 (old branches "
+       "keep theirs)", resume="identity"),
+))
 
 OPTIMISER = Settings("optimiser and schedule", (
     _m("betas", "floats", [0.9, 0.999], "Adam betas"),
