@@ -345,10 +345,11 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
     assert not _same_tensors(_final_model(tmp_path / "cut_without_plugin_state"), _final_model(tmp_path / "full"))
 
 
-@pytest.mark.parametrize("method", ["seq_lora", "l2p"])
+@pytest.mark.parametrize("method", ["seq_lora", "l2p", "sd_lora"])
 def test_resume_is_exact_for_methods_with_their_own_state(method: str, tmp_path: Path) -> None:
-    """Sequential LoRA's random generator (each task draws a new subspace) and L2P's mask of trained classes are
-    part of the checkpoint: a run stopped after experience 1 and resumed ends exactly as one that never stopped."""
+    """Sequential LoRA's random generator (each task draws a new subspace), L2P's mask of trained classes and
+    SD-LoRA's pairs, magnitudes and norms are part of the checkpoint: a run stopped after experience 1 and resumed
+    ends exactly as one that never stopped."""
     full = _run(_config(method, tmp_path / "full", n_experiences=3, classes=6))
     with pytest.raises(Stop):
         _run(_config(method, tmp_path / "cut", n_experiences=3, classes=6), on_experience_end=_stop_after(1))

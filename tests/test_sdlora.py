@@ -270,3 +270,20 @@ def test_sdlora_restore_continues_exactly(tmp_path):
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b[key]), key
+
+
+def test_export_folds_every_branch_with_the_current_magnitudes(tmp_path):
+    from conftest import TINY_VIT
+    from inflora_avalanche.export import export_timm_checkpoint, load_exported
+
+    strategy = _sd_strategy()
+    bench = _sd_bench()
+    for experience in bench.train_stream[:2]:
+        strategy.train(experience)
+    model = strategy.model
+    export_timm_checkpoint(model, tmp_path / "export", timm_kwargs=TINY_VIT)
+    net, _ = load_exported(tmp_path / "export")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x)[:, :4], model.eval()(x)[:, :4], rtol=1e-4, atol=1e-4)
+    assert not any(a.folded for _, a in model.adapters())
