@@ -100,3 +100,51 @@ def test_distributed_equals_single_process(runs):
         torch.testing.assert_close(got @ got.T, basis @ basis.T, rtol=0, atol=1e-6)
     assert rank0["metrics"] == single["metrics"]
     assert len(single["metrics"]) == 3  # two experiences and the stream
+
+
+# ----------------------------------------------------------------------------------------------- SD-LoRA
+def run_sdlora(out_path: str) -> None:
+    """SD-LoRA, two experiences (the second trains old magnitudes too), no shuffling; save what must agree."""
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from conftest import SyntheticImages, tiny_vit
+    from inflora_avalanche import SDLoRAStrategy, SDLoRAViT
+
+    torch.set_num_threads(1)
+    classes = list(range(6))
+    data = {"train": SyntheticImages(classes, 8, seed=0), "test": SyntheticImages(classes, 5, seed=1)}
+    benchmark = class_incremental_benchmark(data, class_order=classes, num_experiences=2)
+    torch.manual_seed(0)
+    model = SDLoRAViT(tiny_vit(), rank=3)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    strategy = SDLoRAStrategy(model=model, lr=1e-2, train_epochs=2, train_mb_size=GLOBAL_BATCH, eval_mb_size=5,
+                              evaluator=evaluator)
+    for experience in benchmark.train_stream:
+        strategy.train(experience, shuffle=False)
+    torch.save({"state": {k: v for k, v in model.trained_state_dict().items() if torch.is_tensor(v)}}, out_path)
+
+
+def _sdlora_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import avalanche.training  # noqa: F401
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        run_sdlora(os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sdlora_distributed_equals_single_process(tmp_path):
+    """Both factors, the shared magnitudes and the heads are all-reduced like InfLoRA's branches: the ranks agree
+    bit for bit, and with one process to float rounding."""
+    mp.spawn(_sdlora_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_sdlora(str(tmp_path / "single.pt"))
+    load = lambda name: torch.load(tmp_path / name, weights_only=False)["state"]  # noqa: E731
+    rank0, rank1, single = load("rank0.pt"), load("rank1.pt"), load("single.pt")
+    assert set(rank0) == set(single) and any(k.endswith("magnitudes") for k in single)
+    for key, value in single.items():
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
