@@ -22,22 +22,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_one_experience(out_path: str) -> None:
-    """Train the first experience (no shuffling) and evaluate on the test stream; save what must agree."""
+def _stream_and_evaluator():
+    """Two experiences of 3 synthetic classes and an evaluator without loggers, the same in every process."""
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
-    from conftest import SyntheticImages, tiny_vit
-    from inflora_avalanche import InfLoRAStrategy, InfLoRAViT
+    from conftest import SyntheticImages
 
     torch.set_num_threads(1)
     classes = list(range(6))
     data = {"train": SyntheticImages(classes, 8, seed=0), "test": SyntheticImages(classes, 5, seed=1)}
     benchmark = class_incremental_benchmark(data, class_order=classes, num_experiences=2)
     torch.manual_seed(0)
+    return benchmark, EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+
+
+def _spawn(target, out_dir: str) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), out_dir, target.__name__), nprocs=2, join=True)
+
+
+def run_one_experience(out_path: str) -> None:
+    """Train the first experience (no shuffling) and evaluate on the test stream; save what must agree."""
+    from conftest import tiny_vit
+    from inflora_avalanche import InfLoRAStrategy, InfLoRAViT
+
+    benchmark, evaluator = _stream_and_evaluator()
     model = InfLoRAViT(tiny_vit(), rank=3)
-    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     strategy = InfLoRAStrategy(
         model=model, lr=1e-2, train_epochs=2, train_mb_size=GLOBAL_BATCH, eval_mb_size=5, evaluator=evaluator
     )
@@ -56,13 +67,13 @@ def run_one_experience(out_path: str) -> None:
     )
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, target: str) -> None:
     import avalanche.training  # noqa: F401  (Avalanche creates loggers at import: import before the group exists)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        run_one_experience(os.path.join(out_dir, f"rank{rank}.pt"))
+        globals()[target](os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -70,7 +81,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    _spawn(run_one_experience, str(out))
     run_one_experience(str(out / "single.pt"))
     load = lambda name: torch.load(out / name, weights_only=False)  # noqa: E731
     return load("rank0.pt"), load("rank1.pt"), load("single.pt")
@@ -105,20 +116,11 @@ def test_distributed_equals_single_process(runs):
 # ----------------------------------------------------------------------------------------------- SD-LoRA
 def run_sdlora(out_path: str) -> None:
     """SD-LoRA, two experiences (the second trains old magnitudes too), no shuffling; save what must agree."""
-    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
-    from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training.plugins import EvaluationPlugin
-
-    from conftest import SyntheticImages, tiny_vit
+    from conftest import tiny_vit
     from inflora_avalanche import SDLoRAStrategy, SDLoRAViT
 
-    torch.set_num_threads(1)
-    classes = list(range(6))
-    data = {"train": SyntheticImages(classes, 8, seed=0), "test": SyntheticImages(classes, 5, seed=1)}
-    benchmark = class_incremental_benchmark(data, class_order=classes, num_experiences=2)
-    torch.manual_seed(0)
+    benchmark, evaluator = _stream_and_evaluator()
     model = SDLoRAViT(tiny_vit(), rank=3)
-    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     strategy = SDLoRAStrategy(model=model, lr=1e-2, train_epochs=2, train_mb_size=GLOBAL_BATCH, eval_mb_size=5,
                               evaluator=evaluator)
     for experience in benchmark.train_stream:
@@ -126,21 +128,10 @@ def run_sdlora(out_path: str) -> None:
     torch.save({"state": {k: v for k, v in model.trained_state_dict().items() if torch.is_tensor(v)}}, out_path)
 
 
-def _sdlora_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import avalanche.training  # noqa: F401
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        run_sdlora(os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sdlora_distributed_equals_single_process(tmp_path):
     """Both factors, the shared magnitudes and the heads are all-reduced like InfLoRA's branches: the ranks agree
     bit for bit, and with one process to float rounding."""
-    mp.spawn(_sdlora_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(run_sdlora, str(tmp_path))
     run_sdlora(str(tmp_path / "single.pt"))
     load = lambda name: torch.load(tmp_path / name, weights_only=False)["state"]  # noqa: E731
     rank0, rank1, single = load("rank0.pt"), load("rank1.pt"), load("single.pt")

@@ -107,6 +107,30 @@ def alignment_plugins(config: dict) -> list:
         raise ConfigError(f"invalid classifier_alignment settings {value!r}: {err}") from None
 
 
+def low_rank_strategy_kwargs(config: dict, evaluator: Any, plugins: list, device: str) -> dict:
+    """The arguments of ``config`` that every :class:`~inflora_avalanche.strategy.LowRankStrategy` takes: learning
+    rates, optimiser and schedule, precision, batch sizes, epochs, device, plugins, evaluator, batched augmentation."""
+    return dict(
+        lr=scaled_lr(config, "lr"),
+        optimizer=config["optimizer"],
+        betas=tuple(config["betas"]),
+        momentum=config["momentum"],
+        weight_decay=config["weight_decay"],
+        head_lr=scaled_lr(config, "head_lr"),
+        lr_schedule=config["lr_schedule"],
+        milestones=config["milestones"],
+        gamma=config["gamma"],
+        precision=config["precision"],
+        train_mb_size=config["batch_size"],
+        train_epochs=config["epochs"],
+        eval_mb_size=config["eval_batch_size"] or config["batch_size"],
+        device=device,
+        plugins=list(plugins),
+        evaluator=evaluator,
+        input_transform=device_augment(config),
+    )
+
+
 def inflora_strategy(config: dict, model: InfLoRAViT, info: Any, evaluator: Any, plugins: list, device: str,
                      seed: int = 0) -> Any:
     """The :class:`InfLoRAStrategy` of ``config`` on ``model`` (InfLoRA, -b5 or +CA: which one is in the settings;
@@ -116,27 +140,11 @@ def inflora_strategy(config: dict, model: InfLoRAViT, info: Any, evaluator: Any,
     try:
         return InfLoRAStrategy(
             model=model,
-            lr=scaled_lr(config, "lr"),
-            optimizer=config["optimizer"],
-            betas=tuple(config["betas"]),
-            momentum=config["momentum"],
-            weight_decay=config["weight_decay"],
-            head_lr=scaled_lr(config, "head_lr"),
-            lr_schedule=config["lr_schedule"],
-            milestones=config["milestones"],
-            gamma=config["gamma"],
             lamb=config["lamb"],
             lame=config["lame"],
             memory=config["memory"],
             num_tasks=config["n_experiences"],
-            precision=config["precision"],
-            train_mb_size=config["batch_size"],
-            train_epochs=config["epochs"],
-            eval_mb_size=config["eval_batch_size"] or config["batch_size"],
-            device=device,
-            plugins=[*plugins, *_alignment(config, plugins)],
-            evaluator=evaluator,
-            input_transform=device_augment(config),
+            **low_rank_strategy_kwargs(config, evaluator, [*plugins, *_alignment(config, plugins)], device),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid strategy settings: {err}") from None

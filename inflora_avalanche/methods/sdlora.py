@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schema import ConfigError
-from . import scaled_lr
-from .inflora import backbone_kwargs, device_augment, model_errors
+from .inflora import backbone_kwargs, low_rank_strategy_kwargs, model_errors
 
 
 def build_model(config: dict, info: Any = None) -> Any:
@@ -40,25 +39,6 @@ def sd_lora_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugin
     from ..strategy import SDLoRAStrategy
 
     try:
-        return SDLoRAStrategy(
-            model=model,
-            lr=scaled_lr(config, "lr"),
-            optimizer=config["optimizer"],
-            betas=tuple(config["betas"]),
-            momentum=config["momentum"],
-            weight_decay=config["weight_decay"],
-            head_lr=scaled_lr(config, "head_lr"),
-            lr_schedule=config["lr_schedule"],
-            milestones=config["milestones"],
-            gamma=config["gamma"],
-            precision=config["precision"],
-            train_mb_size=config["batch_size"],
-            train_epochs=config["epochs"],
-            eval_mb_size=config["eval_batch_size"] or config["batch_size"],
-            device=device,
-            plugins=list(plugins),
-            evaluator=evaluator,
-            input_transform=device_augment(config),
-        )
+        return SDLoRAStrategy(model=model, **low_rank_strategy_kwargs(config, evaluator, plugins, device))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid strategy settings: {err}") from None
