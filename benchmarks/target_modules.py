@@ -1,8 +1,7 @@
 """InfLoRA with branches on different layers, same stream, backbone, budget and seeds: accuracy, forgetting,
 trainable parameters and time per experience. Each variant is one ``inflora-avalanche run`` in a fresh process.
 
-    python benchmarks/target_modules.py --data-root ../shared/data/tiny-imagenet-100 \\
-        --weights ../shared/weights/vit_small_patch14_dinov2.imgfocus.fp16.safetensors --out OUT
+    python benchmarks/target_modules.py --data-root TINY_IMAGENET_100 --weights DINOV2_S_WEIGHTS --out OUT
 
 Writes ``OUT/<variant>/`` (each run's own results) and ``OUT/target_modules.json``; prints a Markdown table.
 """
@@ -42,13 +41,22 @@ def summarize(results: dict) -> dict:
     }
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.default is not None and action.default is not argparse.SUPPRESS and action.option_strings
+        return f"{action.help} (default: %(default)s)" if shown and action.help else action.help or ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--preset", default="tinyimagenet_dinov2")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=_DefaultsShown)
+    parser.add_argument("--data-root", required=True, help="the tiny-imagenet-100 folder")
+    parser.add_argument("--weights", required=True, help="DINOv2-S weights file")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--preset", default="tinyimagenet_dinov2", help="preset of every variant")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("--jobs", type=int, default=1, help="variants run at once (each on the preset's CPU threads); "
                         "with as many jobs as variants they all share the machine alike")
     args = parser.parse_args(argv)

@@ -19,6 +19,8 @@ THROUGHPUT = ROOT / "benchmarks" / "throughput.py"
 DATALOADER = ROOT / "benchmarks" / "dataloader.py"
 AGREEMENT = ROOT / "benchmarks" / "precision_agreement.py"
 DIAGNOSTICS_DEMO = ROOT / "experiments" / "diagnostics_demo.py"
+TARGET_MODULES = ROOT / "benchmarks" / "target_modules.py"
+STEP_TIME = ROOT / "benchmarks" / "step_time_vs_tasks.py"
 
 
 def _load(path: Path):
@@ -250,7 +252,8 @@ OLD_NAMES = {"--batch", "--workers", "--threads", "--data", "--img-size", "--exp
              "--train-per-class", "--test-per-class"}
 
 
-@pytest.mark.parametrize("script", [THROUGHPUT, DATALOADER, AGREEMENT, DIAGNOSTICS_DEMO], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [THROUGHPUT, DATALOADER, AGREEMENT, DIAGNOSTICS_DEMO, TARGET_MODULES, STEP_TIME],
+                         ids=lambda p: p.name)
 def test_help_uses_the_runner_names_and_shows_defaults_once(script):
     proc = _run(script, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -264,7 +267,19 @@ def test_help_uses_the_runner_names_and_shows_defaults_once(script):
         assert block.count("(default") <= 1, block
 
 
-@pytest.mark.parametrize("script", [THROUGHPUT, DATALOADER, AGREEMENT, DIAGNOSTICS_DEMO], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [THROUGHPUT, DATALOADER, AGREEMENT, DIAGNOSTICS_DEMO, TARGET_MODULES, STEP_TIME],
+                         ids=lambda p: p.name)
 def test_docstrings_hold_no_machine_paths(script):
     source = script.read_text()
     assert "/work/" not in source and "shared/data" not in source and "shared/weights" not in source
+
+
+def test_step_time_benchmark_writes_json(tmp_path):
+    """InfLoRA's step does not grow with finished tasks (they are merged); SD-LoRA's old branches stay live."""
+    out = tmp_path / "steps.json"
+    proc = _run(STEP_TIME, "--backbone", "vit_tiny_patch16_224", "--resolution", "32", "--finished-tasks", "0", "3",
+                "--steps", "1", "--warmup", "0", "--rank", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [row["finished_tasks"] for row in report["rows"]] == [0, 3]
+    assert all(row[m]["median_s"] > 0 for row in report["rows"] for m in ("inflora", "sd_lora"))
