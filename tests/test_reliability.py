@@ -358,7 +358,7 @@ def _bad_cases(tmp_path: Path) -> dict:
         "--betas with sgd": (demo + ["--optimizer", "sgd", "--betas", "0.9", "0.99"], "split_cifar100",
                              "--betas apply to --optimizer adam, not sgd"),
         "InfLoRA-only flag with a baseline": (demo + ["--method", "naive", "--rank", "4"], "split_cifar100",
-                                              "--rank only applies to inflora, inflora_b5, inflora_ca, seq_lora, not naive"),
+                                              "--rank only applies to inflora, inflora_b5, inflora_ca, seq_lora, sd_lora, not naive"),
         "--demo with --preset": (demo + ["--preset", "cifar100_inflora"], "split_cifar100", "drop --preset"),
         "--demo with --data-root": (demo + ["--data-root", str(five)], "split_cifar100", "drop --data-root"),
         "--demo with --benchmark": (demo + ["--benchmark", "folder"], "split_cifar100", "drop --benchmark"),
