@@ -137,6 +137,11 @@ def normalize_qkv_rows(qkv_rows: Sequence[str]) -> tuple[str, ...]:
     return tuple(p for p in QKV_PARTS if p in rows)
 
 
+def _check_rank(rank: Any, min_width: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < min_width:
+        raise ValueError(f"rank must be an integer in [1, {min_width - 1}] (below the width {min_width}), got {rank}")
+
+
 def _summary(names: Sequence[str], shown: int = 4) -> str:
     names = list(names)
     return str(names) if len(names) <= shown else f"{names[:shown]} ... ({len(names)} layers)"
@@ -242,7 +247,7 @@ class LowRankViT(nn.Module):
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
             raise ValueError(
                 f"backbone {self.backbone_name!r} has no list of transformer blocks with a fused attn.qkv nn.Linear; "
-                "InfLoRA needs a timm ViT such as vit_base_patch16_224 or vit_small_patch14_dinov2"
+                "these methods need a timm ViT such as vit_base_patch16_224 or vit_small_patch14_dinov2"
             )
         self.backbone = backbone
         self.backbone.requires_grad_(False)
@@ -279,6 +284,7 @@ class LowRankViT(nn.Module):
                              "is learned")
         blocks = self.backbone.blocks
         structure = adapted_blocks is not None or _all_blocks or target_modules is not None or qkv_rows is not None
+        widths = [adapter.in_features for _, adapter in self.adapters()]
         if structure:
             wanted = (_resolve_blocks(adapted_blocks, len(blocks)) if adapted_blocks is not None or _all_blocks
                       else self.adapted_blocks)
@@ -289,6 +295,15 @@ class LowRankViT(nn.Module):
             if rows != self.default_qkv_rows and not has_qkv:
                 raise ValueError(f"qkv_rows={list(rows)} applies to a fused qkv layer, but target_modules="
                                  f"{list(targets)} selects none; add 'attn.qkv' or leave qkv_rows at its default")
+            widths = []
+            for i, names in plan.items():  # the rows and widths of every planned layer, checked before any change
+                for name in names:
+                    layer = blocks[i].get_submodule(name)
+                    layer = layer.base_layer if isinstance(layer, LowRankLinear) else layer
+                    if _is_fused_qkv(name):
+                        qkv_row_ranges(layer.out_features, rows, self.join_qkv_rows)
+                    widths.append(layer.in_features)
+            _check_rank(self.rank if rank is None else rank, min(widths))
             for name in list(self.adapted_layers):
                 index, _, relative = name[len("blocks."):].partition(".")
                 _unwrap(blocks[int(index)], relative)
@@ -299,16 +314,12 @@ class LowRankViT(nn.Module):
                     self.adapted_layers.append(f"blocks.{i}.{name}")
             self.adapted_blocks, self.target_modules, self.qkv_rows = wanted, targets, rows
         if rank is not None:
-            min_width = min(adapter.in_features for _, adapter in self.adapters())
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < min_width:
-                raise ValueError(
-                    f"rank must be an integer in [1, {min_width - 1}] (below the width {min_width}), got {rank}"
-                )
+            _check_rank(rank, min(widths))
             self.rank = rank
 
     def _targets_of_block(self, block: nn.Module, index: int, targets: Sequence[str]) -> list[str]:
         """The layers of ``block`` that ``targets`` select, each checked to carry a branch (else ``ValueError``)."""
-        qkv_hint = ("InfLoRA's default target needs a fused attn.qkv nn.Linear called as a module in every adapted "
+        qkv_hint = ("the attn.qkv target needs a fused attn.qkv nn.Linear called as a module in every adapted "
                     "block (timm ViT, DeiT, DINOv2, EVA-02 tiny/small, BEiT, ...)")
         problem = qkv_problem(block, index) if "attn.qkv" in targets else None
         if problem:

@@ -151,7 +151,7 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
 
     Before a training experience: one no-grad pass over its training data gives every adapted layer's input
     covariance; the new branch's ``down`` is designed from it, away from the memory. When the strategy closes the
-    task (:meth:`update_memory`, before it merges the branches): a second pass with the trained branch live and the
+    task (:meth:`update_task_memory`, before it merges the branches): a second pass with the trained branch live and the
     GPM / DualGPM memory update at threshold ``eps_t``. Each adapted layer has its own covariance and memory.
 
     Args:
@@ -200,7 +200,7 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
         """The new branch's ``down`` for layer ``name`` (override for ablations, e.g. a random subspace)."""
         return design_down_projection(covariance, rank, self.memories.get(name))
 
-    def update_memory(self, strategy: Any) -> None:
+    def update_task_memory(self, strategy: Any) -> None:
         """Called by the strategy when the task's training ends, before it merges the branches: a pass over the
         task's data with the trained branch live, then the memory update of every adapted layer."""
         model = unwrap_model(strategy.model)

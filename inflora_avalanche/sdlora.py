@@ -114,7 +114,10 @@ class SDLoRALinear(LowRankLinear):
                          dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The update of ``base_layer.weight`` with the current magnitudes: ``sum_i alpha_i B_i A_i / (||B_i||
         ||A_i||)`` over the finished pairs plus ``alpha_t B_t A_t`` of the open one, on the adapted rows (zeros
-        elsewhere), in ``dtype``, detached. Folding, export and the tests use it."""
+        elsewhere), in ``dtype``, detached. Folding, export and the tests use it. (Old branches share trained
+        magnitudes, so there is no selection of finished rank rows as for InfLoRA: ``finished`` is all or none.)"""
+        if not isinstance(finished, bool):
+            raise TypeError(f"SD-LoRA's get_delta_weight takes finished=True/False, got {finished!r}")
         rows = torch.zeros(self.parts, self.rows, self.in_features, dtype=dtype, device=self.base_layer.weight.device)
         if finished and self.num_finished:
             up = self.past_up.detach().to(dtype) * self._past_coefficients().detach().to(dtype)[:, None, :]
@@ -150,7 +153,12 @@ class SDLoRALinear(LowRankLinear):
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.folded or not (self.rank or self.num_finished):
+        if self.folded:
+            if torch.is_grad_enabled() and self.rank:
+                raise RuntimeError(f"SD-LoRA layer {self.layer_name or '(unnamed)'} is folded: its branches and "
+                                   "magnitudes would get no gradient; train outside SDLoRAViT.folded()")
+            return out
+        if not (self.rank or self.num_finished):
             return out
         lead = x.shape[:-1]
         delta = x.new_zeros(*lead, self.parts, self.rows)
@@ -236,10 +244,15 @@ class SDLoRAViT(LowRankViT):
                 rank = value
         return rank
 
+    def _refuse_folded(self, what: str) -> None:
+        if any(adapter.folded for _, adapter in self.adapters()):
+            raise RuntimeError(f"cannot {what} while the branches are folded: leave SDLoRAViT.folded() first")
+
     def start_task(self, classes: Sequence[int]) -> int:
         """A new head (initialised as the official code's: Kaiming-uniform for a linear layer, zero bias), a new
         pair in every adapted layer, and the magnitudes of tasks ``0..t`` (reset to ``magnitude_init`` unless
         ``reset_magnitudes`` is off)."""
+        self._refuse_folded("start a task")
         task = super().start_task(classes)
         head = self.heads[-1]
         nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
@@ -252,6 +265,7 @@ class SDLoRAViT(LowRankViT):
         return task
 
     def finish_task(self) -> None:
+        self._refuse_folded("finish a task")
         super().finish_task()
         self.magnitudes.grad = None
 
@@ -279,6 +293,14 @@ class SDLoRAViT(LowRankViT):
     def get_extra_state(self) -> Any:
         return {**super().get_extra_state(), "reset_magnitudes": self.reset_magnitudes,
                 "magnitude_init": self.magnitude_init, "rank_schedule": [list(s) for s in self.rank_schedule]}
+
+    def set_extra_state(self, state: Any) -> None:
+        mine = {"reset_magnitudes": self.reset_magnitudes, "magnitude_init": self.magnitude_init,
+                "rank_schedule": [list(s) for s in self.rank_schedule]}
+        for key, value in mine.items():
+            if key in state and state[key] != value:
+                raise ValueError(f"checkpoint was made with {key}={state[key]!r}, this model has {key}={value!r}")
+        super().set_extra_state(state)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         key = prefix + "magnitudes"

@@ -73,8 +73,8 @@ class LowRankStrategy(SupervisedTemplate):
     The strategy owns each task's lifecycle: it opens the task (a head and a new branch in every adapted layer) when
     the experience starts, trains what the model says is trainable (``trainable_parameter_groups()``: the branches'
     group at ``lr``, the head's at ``head_lr``, any other group the model declares at ``lr``), and closes the task
-    when training ends: plugins with ``update_memory(strategy)`` update their memories with the trained branch live,
-    then the model finishes the task (its adapters close their branches, the head is frozen), before the other
+    when training ends: plugins with ``update_task_memory(strategy)`` update their memories with the trained branch
+    live, then the model finishes the task (its adapters close their branches, the head is frozen), before the other
     plugins' ``after_training_exp``. Training runs on the task's own classes (an experience with a single class is
     trained against every seen class: alone its loss would be 0). A sample of an earlier task (e.g. from a
     ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current branches. Evaluation
@@ -378,8 +378,8 @@ class LowRankStrategy(SupervisedTemplate):
         inner = unwrap_model(self.model)
         if inner.task_open:
             for plugin in self.plugins:
-                if callable(getattr(plugin, "update_memory", None)):
-                    plugin.update_memory(self)
+                if callable(getattr(plugin, "update_task_memory", None)):
+                    plugin.update_task_memory(self)
             inner.finish_task()
         super()._after_training_exp(**kwargs)
         self._current_columns = None

@@ -287,3 +287,25 @@ def test_export_folds_every_branch_with_the_current_magnitudes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x)[:, :4], model.eval()(x)[:, :4], rtol=1e-4, atol=1e-4)
     assert not any(a.folded for _, a in model.adapters())
+
+
+def test_folded_branches_are_for_evaluation_only():
+    model = SDLoRAViT(tiny_vit(), rank=2)
+    model.start_task([0, 1])
+    x = torch.randn(2, 3, 32, 32)
+    with model.folded():
+        with pytest.raises(RuntimeError, match="is folded: its branches and magnitudes would get no gradient"):
+            model(x)
+        with pytest.raises(RuntimeError, match="cannot finish a task while the branches are folded"):
+            model.finish_task()
+        with torch.no_grad():
+            model(x)  # evaluation is what folding is for
+
+
+def test_a_checkpoint_of_other_sdlora_settings_is_refused():
+    saved = SDLoRAViT(tiny_vit(), rank=2, reset_magnitudes=False)
+    saved.start_task([0, 1])
+    saved.finish_task()
+    other = SDLoRAViT(tiny_vit(), rank=2)
+    with pytest.raises(ValueError, match="checkpoint was made with reset_magnitudes=False"):
+        other.load_trained_state_dict(saved.trained_state_dict())

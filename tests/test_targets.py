@@ -222,3 +222,11 @@ def test_every_adapted_layer_has_its_own_covariance_design_and_memory(tmp_path):
         live = model.eval()(x)[:, :4]
         torch.testing.assert_close(net.eval()(x), live, rtol=1e-4, atol=1e-4)
     assert isinstance(net, timm.models.VisionTransformer)
+
+
+def test_a_refused_configuration_changes_nothing():
+    model = InfLoRAViT(tiny_vit(), rank=2)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 31\]"):
+        model.configure(rank=1000, target_modules=["mlp.fc1"])
+    assert [n for n, _ in model.adapters()] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"] and model.rank == 2
+    assert isinstance(model.backbone.blocks[0].mlp.fc1, nn.Linear)

@@ -164,6 +164,8 @@ class SaveableLwFPlugin(LwFPlugin):
         self._restored: Optional[dict] = None
 
     def state_dict(self) -> dict:
+        if self._restored is not None:  # restored, not applied yet (training has not resumed)
+            return dict(self._restored)
         lwf = self.lwf
         if lwf.prev_model is None:
             return {}

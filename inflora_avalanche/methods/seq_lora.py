@@ -46,7 +46,7 @@ class RandomSubspacePlugin(SubspaceUpdatePlugin):
         """A random orthonormal down-projection; only the width of ``covariance`` is used."""
         return random_down_projection(int(covariance.shape[0]), rank, self._generator)
 
-    def update_memory(self, strategy: Any) -> None:
+    def update_task_memory(self, strategy: Any) -> None:
         """No memory: the strategy merges the branch and freezes the head, as in InfLoRA."""
 
     def state_dict(self) -> dict:
