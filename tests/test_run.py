@@ -379,8 +379,9 @@ def test_methods_declare_named_capabilities():
                                            Method, methods_with)
 
     inflora_family = ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
-    for capability in (EXPORT, DIAGNOSTICS, TORCHRUN):
-        assert methods_with(capability) == inflora_family
+    for capability in (EXPORT, TORCHRUN):
+        assert methods_with(capability) == inflora_family + ["sd_lora"]
+    assert methods_with(DIAGNOSTICS) == inflora_family  # subspace diagnostics: InfLoRA's memory
     assert methods_with(RESUME) == list(REGISTRY) and methods_with(JOINT) == ["joint"]
     assert all(set(m.capabilities) <= set(CAPABILITIES) for m in REGISTRY.values())
     with pytest.raises(ValueError, match="unknown capabilities"):
@@ -390,14 +391,15 @@ def test_methods_declare_named_capabilities():
 def test_a_method_without_a_capability_refuses_its_flag_in_one_line(capsys, tmp_path, monkeypatch):
     from inflora_avalanche.methods import REGISTRY, Method
 
-    owners = "inflora, inflora_b5, inflora_ca, seq_lora"
+    owners = "inflora, inflora_b5, inflora_ca, seq_lora, sd_lora"
     code, err, _ = _main(capsys, "--demo", "--method", "naive", "--out", str(tmp_path / "run"), "--export",
                          str(tmp_path / "export"))
     assert code == 2 and "\n" not in err and not (tmp_path / "run").exists()
     assert "--export" in err and "does not apply to naive" in err and owners in err
     cli.check_launch(cli.config_from_argv(["--demo", "--export", str(tmp_path / "export")]))  # InfLoRA exports
 
-    with pytest.raises(C.ConfigError, match=f"--diagnostics only applies to {owners}, not lwf: drop it"):
+    with pytest.raises(C.ConfigError, match="--diagnostics only applies to inflora, inflora_b5, inflora_ca, seq_lora, "
+                                            "not lwf: drop it"):
         cli.config_from_argv(["--demo", "--method", "lwf", "--diagnostics"])
     assert not cli.config_from_argv(["--demo", "--method", "lwf", "--no-diagnostics"])["diagnostics"]
 
@@ -452,7 +454,9 @@ def test_method_settings_are_declared_by_the_methods():
     assert {f.name for f in C.FIELDS} == {f.name for f in C.COMMON_FIELDS} | own and len(C.FIELDS) == len(C.FIELD_BY_NAME)
     assert not {f.name for f in C.COMMON_FIELDS} & own
     assert {f.name for f in REGISTRY["inflora"].fields} >= {"rank", "lamb", "target_modules", "qkv_rows"}
-    assert setting_owners("qkv_rows") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
+    assert setting_owners("qkv_rows") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora", "sd_lora"]
+    assert setting_owners("lamb") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
+    assert setting_owners("reset_magnitudes") == ["sd_lora"]
     assert setting_owners("ewc_lambda") == ["ewc"] and setting_owners("lr") is None  # lr: common
     assert all(f.group == "method" for m in REGISTRY.values() for f in m.fields)  # a preset's apply to its method
     assert {"target_modules", "qkv_rows"} <= C.RESUME_IDENTITY_KEYS
@@ -474,7 +478,7 @@ def test_target_modules_and_qkv_rows_are_checked_once_and_reach_the_model(monkey
         (["--target-modules", "all-linear", "mlp.fc1"], "all-linear already takes every linear layer"),
         (["--target-modules", "."], "module names relative to a block"),
         (["--method", "naive", "--qkv-rows", "q"], "--qkv-rows only applies to inflora, inflora_b5, inflora_ca, "
-                                                   "seq_lora, not naive"),
+                                                   "seq_lora, sd_lora, not naive"),
     ):
         with pytest.raises(C.ConfigError, match=needle) as err:
             cli.config_from_argv(["--demo", *argv])
