@@ -345,15 +345,17 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
     assert not _same_tensors(_final_model(tmp_path / "cut_without_plugin_state"), _final_model(tmp_path / "full"))
 
 
-@pytest.mark.parametrize("method", ["seq_lora", "l2p", "sd_lora"])
-def test_resume_is_exact_for_methods_with_their_own_state(method: str, tmp_path: Path) -> None:
-    """Sequential LoRA's random generator (each task draws a new subspace), L2P's mask of trained classes and
-    SD-LoRA's pairs, magnitudes and norms are part of the checkpoint: a run stopped after experience 1 and resumed
-    ends exactly as one that never stopped."""
-    full = _run(_config(method, tmp_path / "full", n_experiences=3, classes=6))
+@pytest.mark.parametrize("method, targets", [("seq_lora", None), ("l2p", None), ("sd_lora", None),
+                                             ("inflora", ["mlp.fc1", "mlp.fc2"]), ("sd_lora", ["attn.proj"])])
+def test_resume_is_exact_for_methods_with_their_own_state(method: str, targets: Any, tmp_path: Path) -> None:
+    """Sequential LoRA's random generator (each task draws a new subspace), L2P's mask of trained classes,
+    SD-LoRA's pairs, magnitudes and norms, and branches on any target layers are part of the checkpoint: a run
+    stopped after experience 1 and resumed ends exactly as one that never stopped."""
+    extra = {"n_experiences": 3, "classes": 6, **({"target_modules": targets} if targets else {})}
+    full = _run(_config(method, tmp_path / "full", **extra))
     with pytest.raises(Stop):
-        _run(_config(method, tmp_path / "cut", n_experiences=3, classes=6), on_experience_end=_stop_after(1))
-    resumed = _run(_config(method, tmp_path / "cut", n_experiences=3, classes=6, resume=True))
+        _run(_config(method, tmp_path / "cut", **extra), on_experience_end=_stop_after(1))
+    resumed = _run(_config(method, tmp_path / "cut", resume=True, **extra))
     assert _without_timings(resumed) == _without_timings(full)
     assert _same_tensors(_final_model(tmp_path / "cut"), _final_model(tmp_path / "full"))
 
