@@ -146,6 +146,11 @@ def records_to_rows(records: Sequence[Mapping[str, Any]]) -> list[dict]:
     return rows
 
 
+def _threshold_label(threshold: Optional[float]) -> str:
+    """The threshold under a heatmap column; none for runs without a memory (sequential LoRA)."""
+    return "none" if threshold is None else f"{threshold:.4g}"
+
+
 def _short(layer: str) -> str:
     return layer.replace("blocks.", "b").replace(".attn.qkv", "")
 
@@ -194,7 +199,7 @@ def plot_heatmaps(records: Sequence[Mapping[str, Any]], path: Union[str, os.Path
         masked[~torch.isfinite(masked)] = float("nan")
         image = ax.imshow(masked.numpy(), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title(name, fontsize=8)
-        ax.set_xticks(range(len(exps)), [f"t{e}\nε={thresholds[e]:.4g}" for e in exps], fontsize=6)
+        ax.set_xticks(range(len(exps)), [f"t{e}\nε={_threshold_label(thresholds[e])}" for e in exps], fontsize=6)
         ax.set_yticks(range(len(layers)), [_short(layer) for layer in layers], fontsize=6)
         ax.set_xlabel("experience", fontsize=7)
         for i in range(len(layers)):

@@ -117,6 +117,9 @@ def test_plot_heatmaps_writes_a_png_and_refuses_empty_records(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["h.png"]
     with pytest.raises(ValueError, match="no diagnostics"):
         plot_heatmaps([], tmp_path / "e.png")
+    # a run without a memory (sequential LoRA) has no threshold: the heatmaps still draw
+    plot_heatmaps([{**r, "threshold": None} for r in records], tmp_path / "n.png")
+    assert (tmp_path / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------------------------------- plugin
