@@ -15,6 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
+from inflora_avalanche.run.options import ScriptHelpFormatter
+
 import torch
 
 
@@ -60,17 +62,9 @@ def step_seconds(method: str, finished: int, args: argparse.Namespace) -> list[f
     return times
 
 
-class _DefaultsShown(argparse.HelpFormatter):
-    """Shows an option's default after its help, unless it has none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        shown = action.default is not None and action.default is not argparse.SUPPRESS and action.option_strings
-        return f"{action.help} (default: %(default)s)" if shown and action.help else action.help or ""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=_DefaultsShown)
+                                     formatter_class=ScriptHelpFormatter)
     parser.add_argument("--backbone", default="vit_small_patch14_dinov2")
     parser.add_argument("--resolution", type=int, default=56)
     parser.add_argument("--rank", type=int, default=10)

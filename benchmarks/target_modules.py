@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from inflora_avalanche.run.options import ScriptHelpFormatter
+
 VARIANTS = {  # name -> (output folder, --target-modules)
     "default (attn.qkv k,v)": ("attn_qkv", ["attn.qkv"]),
     "+ mlp.fc1": ("attn_qkv_mlp_fc1", ["attn.qkv", "mlp.fc1"]),
@@ -41,17 +43,9 @@ def summarize(results: dict) -> dict:
     }
 
 
-class _DefaultsShown(argparse.HelpFormatter):
-    """Shows an option's default after its help, unless it has none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        shown = action.default is not None and action.default is not argparse.SUPPRESS and action.option_strings
-        return f"{action.help} (default: %(default)s)" if shown and action.help else action.help or ""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=_DefaultsShown)
+                                     formatter_class=ScriptHelpFormatter)
     parser.add_argument("--data-root", required=True, help="the tiny-imagenet-100 folder")
     parser.add_argument("--weights", required=True, help="DINOv2-S weights file")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
