@@ -15,9 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from inflora_avalanche.run.options import ScriptHelpFormatter
-
 import torch
+
+from inflora_avalanche.run.options import ScriptHelpFormatter
 
 
 def _model(method: str, args: argparse.Namespace):
