@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-                    "preset": args.preset, "seeds": args.seeds, "machine": f"{platform.machine()}, {platform.processor()}",
+                    "preset": args.preset, "seeds": args.seeds,
+                    "machine": f"{platform.machine()}, {platform.processor()}",
                     "date": time.strftime("%Y-%m-%d"), "variants": {}}
     pending = list(VARIANTS.items())
     running: list[tuple[str, Path, list[str], subprocess.Popen]] = []

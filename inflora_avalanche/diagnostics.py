@@ -11,7 +11,8 @@ Per experience ``t`` and adapted layer ``l``:
   memory as it was before task ``t``. High values leave the new branch little room;
 - ``interference_old``: ``||U_t D_t x|| / ||W x + b||`` over a sample ``x`` of earlier tasks' inputs of the
   layer, ``W`` the layer's map on its adapted rows (keys and values of the reference's qkv) without task ``t``'s
-  branch: the relative change of those outputs on old inputs caused by the new branch, which InfLoRA designs ``D_t`` to keep near zero;
+  branch: the relative change of those outputs on old inputs caused by the new branch, which InfLoRA designs ``D_t``
+  to keep near zero;
 - ``change_new``: the same ratio on task ``t``'s own inputs (what the branch was trained to change);
 - ``random_down_old``: the same ratio on old inputs had ``D_t`` been a random matrix of the same shape and scale
   (an unconstrained low-rank branch): the interference InfLoRA's design avoids.

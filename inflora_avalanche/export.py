@@ -1,4 +1,5 @@
-"""Export an :class:`InfLoRAViT` (or any ``LowRankViT``) as a timm model folder: branches merged into their layers, one linear head.
+"""Export an :class:`InfLoRAViT` (or any ``LowRankViT``) as a timm model folder: branches merged into their layers,
+one linear head.
 
 The folder holds ``model.safetensors`` (timm's key names) and ``config.json`` (timm's hub format: architecture,
 ``model_args``, ``pretrained_cfg`` with the input size, mean and std, ``label_names``), so timm alone loads it::

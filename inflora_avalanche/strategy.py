@@ -1,4 +1,5 @@
-"""``LowRankStrategy``: the Avalanche ``SupervisedTemplate`` of the low-rank continual methods; ``InfLoRAStrategy``: InfLoRA."""
+"""``LowRankStrategy``: the Avalanche ``SupervisedTemplate`` of the low-rank continual methods; ``InfLoRAStrategy``
+and ``SDLoRAStrategy``: InfLoRA and SD-LoRA on it."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from .plugins import ForwardContext, SubspaceUpdatePlugin, experience_classes, u
 from .subspace import MEMORY_ALGORITHMS, validate_thresholds
 from .training import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, cosine_annealing_factor, reference_cosine_factor
 
-__all__ = ["InfLoRAStrategy", "LowRankStrategy", "SDLoRAStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "cosine_annealing_factor",
-           "reference_cosine_factor"]
+__all__ = ["InfLoRAStrategy", "LowRankStrategy", "SDLoRAStrategy", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS",
+           "cosine_annealing_factor", "reference_cosine_factor"]
 
 
 def infer_num_classes(experience: Any) -> Optional[int]:
