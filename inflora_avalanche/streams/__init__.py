@@ -17,6 +17,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..lazy import lazy_exports
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FILE_CROP_PCT = 224 / 256  # image files are resized to r * 256 / 224 and centre-cropped to r
@@ -148,17 +150,5 @@ _EXPORTS = {
     "split_synthetic": "synthetic",
 }
 
-__all__ = sorted([*_EXPORTS, "IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "Script", "Stream", "get_stream",
-                  "stream_names"])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), also=(
+    "IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "Script", "Stream", "get_stream", "stream_names"))
