@@ -118,7 +118,7 @@ def resolve_targets(block: nn.Module, index: int, targets: Sequence[str]) -> lis
 def target_problem(block: nn.Module, index: int, name: str) -> Optional[str]:
     """Why the linear layer ``name`` of ``block`` cannot carry a branch (its module must call it as a module, which
     is where the branch is added); ``None`` when it can."""
-    if _is_fused_qkv(name) and name == "attn.qkv":
+    if name == "attn.qkv":
         return qkv_problem(block, index)
     parent_name, _, attr = name.rpartition(".")
     parent = block.get_submodule(parent_name) if parent_name else block

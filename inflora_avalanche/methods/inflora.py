@@ -46,15 +46,13 @@ def model_errors(config: dict) -> Iterator[None]:
         raise ConfigError(f"cannot build the model: {err}") from None
 
 
-def build_model(config: dict, info: Any = None) -> InfLoRAViT:
-    """The :class:`InfLoRAViT` of ``config`` for the stream ``info`` (its number of classes): timm backbone (local
-    ``weights``, timm's pretrained or random), rank, adapted blocks, the adapted layers (``target_modules``) and rows
-    of a fused qkv (``qkv_rows``), and the optional fresh final LayerNorm."""
-    num_classes = None if info is None else info.num_classes
-    kwargs = backbone_kwargs(config)
+def low_rank_model(model_class: type, config: dict, info: Any = None, **method_kwargs: Any) -> Any:
+    """The ``LowRankViT`` subclass ``model_class`` of ``config`` for the stream ``info`` (its number of classes): timm
+    backbone (local ``weights``, timm's pretrained or random), rank, adapted blocks, the adapted layers
+    (``target_modules``) and rows of a fused qkv (``qkv_rows``), plus the method's own ``method_kwargs``."""
     weights = Path(config["weights"]).expanduser() if config["weights"] else None
     with model_errors(config):
-        model = InfLoRAViT(
+        return model_class(
             config["backbone"],
             rank=config["rank"],
             adapted_blocks=config["adapted_blocks"],
@@ -62,9 +60,15 @@ def build_model(config: dict, info: Any = None) -> InfLoRAViT:
             qkv_rows=config["qkv_rows"],
             pretrained=bool(config["pretrained"]) and weights is None,
             checkpoint_path=weights,
-            num_classes=num_classes,
-            **kwargs,
+            num_classes=None if info is None else info.num_classes,
+            **method_kwargs,
+            **backbone_kwargs(config),
         )
+
+
+def build_model(config: dict, info: Any = None) -> InfLoRAViT:
+    """The :class:`InfLoRAViT` of ``config`` (:func:`low_rank_model`), with the optional fresh final LayerNorm."""
+    model = low_rank_model(InfLoRAViT, config, info)
     if config["reset_final_norm"]:
         reset_final_norm(model)
     return model

@@ -3,34 +3,20 @@ the low-rank core; presets choose the official settings or InfLoRA's backbone an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..schema import ConfigError
-from .inflora import backbone_kwargs, low_rank_strategy_kwargs, model_errors
+from .inflora import low_rank_model, low_rank_strategy_kwargs
 
 
 def build_model(config: dict, info: Any = None) -> Any:
-    """The :class:`~inflora_avalanche.sdlora.SDLoRAViT` of ``config``: timm backbone (local ``weights``, timm's
-    pretrained or random), rank (or the rank-reduction schedule), adapted blocks and layers, magnitudes."""
+    """The :class:`~inflora_avalanche.sdlora.SDLoRAViT` of ``config`` (:func:`~.inflora.low_rank_model`) with its
+    magnitudes and, for SD-LoRA-RR, the rank-reduction schedule."""
     from ..sdlora import RANK_REDUCTION, SDLoRAViT
 
-    weights = Path(config["weights"]).expanduser() if config["weights"] else None
-    with model_errors(config):
-        return SDLoRAViT(
-            config["backbone"],
-            rank=config["rank"],
-            adapted_blocks=config["adapted_blocks"],
-            target_modules=config["target_modules"],
-            qkv_rows=config["qkv_rows"],
-            reset_magnitudes=config["reset_magnitudes"],
-            magnitude_init=config["magnitude_init"],
-            rank_schedule=RANK_REDUCTION if config["rank_reduction"] else None,
-            pretrained=bool(config["pretrained"]) and weights is None,
-            checkpoint_path=weights,
-            num_classes=None if info is None else info.num_classes,
-            **backbone_kwargs(config),
-        )
+    return low_rank_model(SDLoRAViT, config, info, reset_magnitudes=config["reset_magnitudes"],
+                          magnitude_init=config["magnitude_init"],
+                          rank_schedule=RANK_REDUCTION if config["rank_reduction"] else None)
 
 
 def sd_lora_strategy(config: dict, model: Any, info: Any, evaluator: Any, plugins: list, device: str,
