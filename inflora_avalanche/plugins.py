@@ -151,8 +151,9 @@ class SubspaceUpdatePlugin(SupervisedPlugin, supports_distributed=True):
 
     Before a training experience: one no-grad pass over its training data gives every adapted layer's input
     covariance; the new branch's ``down`` is designed from it, away from the memory. When the strategy closes the
-    task (:meth:`update_task_memory`, before it merges the branches): a second pass with the trained branch live and the
-    GPM / DualGPM memory update at threshold ``eps_t``. Each adapted layer has its own covariance and memory.
+    task (:meth:`update_task_memory`, before it merges the branches): a second pass with the trained branch live
+    and the GPM / DualGPM memory update at threshold ``eps_t``. Each adapted layer has its own covariance and
+    memory.
 
     Args:
         lamb, lame: start and end of the threshold schedule ``eps_t = lamb + (lame - lamb) * t / T``.

@@ -327,7 +327,8 @@ def test_stopped_after_one_experience_then_resumed_gives_the_metrics_of_an_unint
     assert not (tmp_path / "cut" / "results.json").exists()
     saved = load_checkpoint(tmp_path / "cut" / R.CHECKPOINT_NAME)
     assert saved["experiences_done"] == 1
-    kept = [key for key in saved["strategy"]["plugins"] if key.endswith(f"Saveable{method.upper() if method == 'ewc' else 'LwF'}Plugin")]
+    plugin_class = {"ewc": "SaveableEWCPlugin", "lwf": "SaveableLwFPlugin"}[method]
+    kept = [key for key in saved["strategy"]["plugins"] if key.endswith(plugin_class)]
     assert len(kept) == 1 and saved["strategy"]["plugins"][kept[0]]  # EWC's importances / LwF's teacher are kept
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_without_plugin_state")
 
