@@ -168,6 +168,12 @@ class ClassifierAlignmentPlugin(SupervisedPlugin):
         self.loss_history: list[list[float]] = []  # mean alignment loss per epoch, one list per alignment
 
     # ----------------------------------------------------------------------------------------------- config
+    @property
+    def aligns_single_class_tasks(self) -> bool:
+        """Whether alignment can teach a task of one class apart from the others: not with logit normalisation,
+        which divides each task's logits by their norm and so leaves a one-class head only its sign."""
+        return not self.logit_normalization
+
     def config(self) -> dict:
         """The constructor arguments (JSON-able)."""
         return {

@@ -457,6 +457,58 @@ class LowRankViT(nn.Module):
         """Width of the pooled feature the heads read (timm's name)."""
         return self.feature_dim
 
+    # timm's model interface, so timm's optimiser factory, layer decay and training scripts work on the wrapper.
+    def get_classifier(self) -> nn.ModuleList:
+        """The classifier: one head per task (timm's name)."""
+        return self.heads
+
+    def reset_classifier(self, num_classes: Optional[int] = None, global_pool: Optional[str] = None) -> None:
+        """timm's ``reset_classifier`` before the first task: set the output width (``num_classes``; ``0`` or
+        ``None`` grows it with the stream) and the backbone's ``global_pool``. The heads are created per task, so
+        after training there is no single classifier to replace: that is refused."""
+        if self.heads:
+            raise ValueError(f"reset_classifier after {self.num_tasks} task(s) would drop the per-task heads their "
+                             "branches were trained with; build a new model for a new label space, or read features "
+                             "with forward_pooled")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 0):
+            raise ValueError(f"num_classes must be a non-negative integer or None, got {num_classes!r}")
+        if global_pool is not None:
+            if not hasattr(self.backbone, "reset_classifier"):
+                raise ValueError(f"{type(self.backbone).__name__} has no reset_classifier to set global_pool with")
+            self.backbone.reset_classifier(0, global_pool)
+        self.num_classes = num_classes or None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (the backbone's own
+        timm switch; the adapters sit inside the blocks, so they are recomputed too)."""
+        if not hasattr(self.backbone, "set_grad_checkpointing"):
+            raise ValueError(f"{type(self.backbone).__name__} has no gradient checkpointing (set_grad_checkpointing)")
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names timm's optimiser factory keeps out of weight decay: the backbone's (position embedding,
+        class token, ...), under this wrapper's ``backbone.`` prefix."""
+        names = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
+        return {f"backbone.{name}" for name in names}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The backbone's layer groups (for timm's layer-wise learning-rate decay) under the ``backbone.`` prefix;
+        the heads match no group, so timm puts them in the last, undecayed one."""
+        if not hasattr(self.backbone, "group_matcher"):
+            raise ValueError(f"{type(self.backbone).__name__} has no group_matcher for layer-wise decay")
+
+        def prefixed(pattern: str) -> str:
+            return "|".join(f"^backbone\\.{p.lstrip('^')}" for p in pattern.split("|"))
+
+        groups = {}
+        for key, value in self.backbone.group_matcher(coarse).items():
+            if isinstance(value, str):
+                groups[key] = prefixed(value)
+            else:
+                groups[key] = [(prefixed(pattern), order) for pattern, order in value]
+        return groups
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's ``forward_features``: its token features after the final norm, before pooling (timm's
         meaning; ``(B, tokens, d)`` for a ViT)."""

@@ -7,7 +7,6 @@ import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from avalanche.core import BasePlugin
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
@@ -18,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed as ddp
 from . import training
 from .model import UNSEEN_CLASS_LOGIT, BlockSelection, InfLoRAViT, LowRankViT
+from .plugin_support import check_criterion, check_plugins
 from .plugins import ForwardContext, SubspaceUpdatePlugin, experience_classes, unwrap_model
 from .subspace import MEMORY_ALGORITHMS, validate_thresholds
 from .training import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, cosine_annealing_factor, reference_cosine_factor
@@ -41,6 +41,26 @@ def infer_num_classes(experience: Any) -> Optional[int]:
     return max(labels) + 1 if labels else None
 
 
+def check_experience_fits(experience: Any, plugins: Sequence[Any]) -> None:
+    """Refuse, in one line and before anything of the experience runs, what one task per experience cannot learn:
+    a sub-experience of an online stream, or a single class without classifier alignment."""
+    if getattr(experience, "origin_experience", None) is not None or hasattr(experience, "subexp_size"):
+        raise ValueError(
+            "the low-rank strategies learn one task per experience: each task's branches are designed from the whole "
+            "experience's inputs before training and merged when it ends, which the minibatch-sized sub-experiences "
+            "of an online stream (split_online_stream) do not allow; train on the parent stream's experiences"
+        )
+    classes = experience_classes(experience)
+    if len(classes) == 1 and not any(getattr(p, "aligns_single_class_tasks", False) for p in plugins):
+        raise ValueError(
+            f"experience {experience.current_experience} has a single class ({classes[0]}): its own head has nothing "
+            "to tell it from, and with the old heads frozen and no old samples nothing learns to tell it from the "
+            "earlier classes; add ClassifierAlignmentPlugin(logit_normalization=False) (the runner's "
+            "--classifier-alignment '{\"logit_normalization\": false}'), which trains every head on the stored class "
+            "statistics after each task, or put at least two classes in each experience"
+        )
+
+
 def _silent_default_evaluator() -> EvaluationPlugin:
     """Avalanche's default metrics without loggers (for ranks other than 0)."""
     return EvaluationPlugin(
@@ -48,23 +68,6 @@ def _silent_default_evaluator() -> EvaluationPlugin:
         loss_metrics(epoch=True, experience=True, stream=True),
         loggers=[],
     )
-
-
-def check_plugins(plugins: Sequence[Any], input_transform: Any = None) -> None:
-    """Refuse, in one line, Avalanche plugins that cannot do what they promise with this strategy."""
-    from avalanche.training.plugins import LRSchedulerPlugin, LwFPlugin
-
-    for plugin in plugins:
-        if isinstance(plugin, LwFPlugin) and input_transform is not None:
-            raise ValueError(
-                "LwFPlugin feeds the raw minibatch to its copy of the previous model, not what input_transform makes "
-                "of it: use one of LwFPlugin and input_transform"
-            )
-        if isinstance(plugin, LRSchedulerPlugin):
-            raise ValueError(
-                "LRSchedulerPlugin would step a scheduler of an optimiser InfLoRAStrategy no longer uses (it builds a "
-                "new one for every task's branches): pass scheduler_factory=lambda optimizer, epochs: ... instead"
-            )
 
 
 class LowRankStrategy(SupervisedTemplate):
@@ -152,6 +155,7 @@ class LowRankStrategy(SupervisedTemplate):
         self.scheduler_factory = scheduler_factory or training.epoch_scheduler(lr_schedule, milestones, gamma)
         plugins = list(plugins or [])
         check_plugins(plugins, input_transform)
+        self._reduction = check_criterion(criterion)
 
         self.lr = lr
         self.head_lr = head_lr if head_lr is not None else lr
@@ -206,6 +210,7 @@ class LowRankStrategy(SupervisedTemplate):
 
     # ----------------------------------------------------------------------------------------------- adaptation
     def _before_training_exp(self, **kwargs: Any) -> None:
+        check_experience_fits(self.experience, self.plugins)
         if len(self.experience.dataset) == 0:
             raise ValueError(
                 f"experience {self.experience.current_experience} has no training samples; remove it from the stream "
@@ -231,10 +236,6 @@ class LowRankStrategy(SupervisedTemplate):
             for task_classes in inner.task_classes:  # every seen class: its index in its own task's head
                 local[torch.tensor(task_classes)] = torch.arange(len(task_classes))
             self._local_targets = local.to(self.device)
-            if len(classes) == 1:
-                # One class alone would make the task's loss exactly 0: it is trained against every seen class
-                # instead (the old heads stay frozen; the new branch and head learn to tell it from them).
-                classes = inner.seen_classes
             current = torch.full((width,), -100, dtype=torch.long)
             current[torch.tensor(classes)] = torch.arange(len(classes))
             self._current_targets = current.to(self.device)
@@ -245,6 +246,12 @@ class LowRankStrategy(SupervisedTemplate):
                 device_ids = [self.device] if torch.device(self.device).type == "cuda" else None
                 return DistributedDataParallel(inner, device_ids=device_ids, forward_sync_buffers=False)
         return model.to(self.device)
+
+    def _before_eval_exp(self, **kwargs: Any) -> None:
+        inner = unwrap_model(self.model)
+        if inner.num_classes is None:  # evaluated before any training: the width is the stream's label range
+            inner.num_classes = infer_num_classes(self.experience)
+        super()._before_eval_exp(**kwargs)
 
     def make_optimizer(self, **kwargs: Any) -> None:
         inner = unwrap_model(self.model)
@@ -315,23 +322,29 @@ class LowRankStrategy(SupervisedTemplate):
             return out
         if ddp.is_distributed():
             out = self._gather_eval_batch(out)
-        if unwrap_model(self.model).num_classes is None:
-            # The model does not know the stream's label range: widen with unseen-class logits.
-            missing = int(self.mb_y.max()) + 1 - out.shape[1]
-            if missing > 0:
-                out = torch.cat([out, out.new_full((out.shape[0], missing), UNSEEN_CLASS_LOGIT)], dim=1)
+        missing = int(self.mb_y.max()) + 1 - out.shape[1] if self.mb_y.numel() else 0
+        if missing > 0:  # labels beyond the model's width (a stream whose label range it was not told)
+            out = torch.cat([out, out.new_full((out.shape[0], missing), UNSEEN_CLASS_LOGIT)], dim=1)
         if self.eval_task_labels:
-            out = self._restrict_to_task_labels(out)
+            out = out.masked_fill(~self._task_label_columns(out), UNSEEN_CLASS_LOGIT)
         return out
 
-    def _restrict_to_task_labels(self, out: torch.Tensor) -> torch.Tensor:
-        """Task-incremental prediction: each sample's logits outside its task label's classes are set very low."""
+    def _known_columns(self, out: torch.Tensor) -> torch.Tensor:
+        """Per sample, the columns the model can predict: the trained classes (under the sample's task label with
+        ``eval_task_labels``)."""
+        known = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+        known[[c for c in unwrap_model(self.model).seen_classes if c < out.shape[1]]] = True
+        known = known.expand_as(out)
+        return known & self._task_label_columns(out) if self.eval_task_labels else known
+
+    def _task_label_columns(self, out: torch.Tensor) -> torch.Tensor:
+        """Task-incremental prediction: per sample, the columns of the classes trained under its task label."""
         allowed = torch.zeros(max(self.task_label_classes, default=0) + 1, out.shape[1], dtype=torch.bool,
                               device=out.device)
         for label, classes in self.task_label_classes.items():
             allowed[label, [c for c in classes if c < out.shape[1]]] = True
         labels = self.mb_task_id.to(out.device).clamp(max=allowed.shape[0] - 1)
-        return out.masked_fill(~allowed[labels], UNSEEN_CLASS_LOGIT)
+        return allowed[labels]
 
     def _gather_eval_batch(self, out: torch.Tensor) -> torch.Tensor:
         """Every rank's outputs and labels of this batch, in dataset order, without the sampler's padding."""
@@ -345,12 +358,41 @@ class LowRankStrategy(SupervisedTemplate):
     def criterion(self) -> torch.Tensor:
         """Training: cross-entropy of each sample over its own task's head (the current task's, unless the sample
         was replayed from an earlier one). Evaluation: over every column."""
-        if not (self.is_training and self._current_columns is not None):
+        if not self.is_training:
+            return self._evaluation_loss()
+        if self._current_columns is None:
             return self._criterion(self.mb_output, self.mb_y)
         if not self._replaying():
             logits = self.mb_output[:, self._current_columns]
             return self._criterion(logits, self._current_targets[self.mb_y])
         return self._mixed_task_loss()
+
+    def _evaluation_loss(self) -> torch.Tensor:
+        """The criterion over the classes the model can predict. A sample of a class it cannot predict yet counts
+        as one more class at the sample's lowest logit (a finite loss of the size of a badly ranked class, not the
+        ~1e4 of the unseen-class logit); before any training every class scores 0 (a loss of log C)."""
+        out, y = self.mb_output.float(), self.mb_y
+        known = self._known_columns(out)
+        patterns, group = torch.unique(known, dim=0, return_inverse=True)
+        parts = []
+        for g, columns in enumerate(patterns):
+            rows = group == g
+            logits, labels = out[rows][:, columns], y[rows]
+            if not columns.any():
+                parts.append((torch.zeros_like(out[rows]), labels))
+                continue
+            position = torch.cumsum(columns.long(), 0) - 1  # a known label's index among the known columns
+            seen = columns[labels]
+            parts.append((logits[seen], position[labels[seen]]))
+            lowest = logits[~seen].amin(dim=1, keepdim=True)
+            parts.append((torch.cat([logits[~seen], lowest], dim=1),
+                          torch.full_like(labels[~seen], logits.shape[1])))
+        total = out.new_zeros(())
+        for logits, targets in parts:
+            if targets.numel():
+                loss = self._criterion(logits, targets)
+                total = total + (loss * targets.numel() if self._reduction == "mean" else loss)
+        return total / max(1, y.numel()) if self._reduction == "mean" else total
 
     def _replaying(self) -> bool:
         """Whether batches may hold samples of earlier tasks: a plugin (replay, GDumb, ...) swapped in a loader other
@@ -358,20 +400,24 @@ class LowRankStrategy(SupervisedTemplate):
         return self.dataloader is not self._own_loader
 
     def _mixed_task_loss(self) -> torch.Tensor:
-        """Mean over the batch of each sample's cross-entropy on its own task's columns (the current task's are
-        those it trains on: all seen classes for a one-class task)."""
+        """The criterion over a batch that mixes tasks: each task's samples scored on their own task's columns,
+        combined as the criterion's reduction would combine them (a size-weighted mean, or a sum)."""
         inner = unwrap_model(self.model)
         y, out = self.mb_y, self.mb_output
         total = out.new_zeros((), dtype=torch.float32)
         last = len(inner.task_classes) - 1
         for task, classes in enumerate(inner.task_classes):
             mask = torch.isin(y, torch.tensor(classes, device=out.device))
+            count = int(mask.sum())
+            if not count:
+                continue
             if task == last:
                 columns, targets = self._current_columns, self._current_targets[y[mask]]
             else:
                 columns, targets = torch.tensor(classes, device=out.device), self._local_targets[y[mask]]
-            total = total + F.cross_entropy(out[mask][:, columns].float(), targets, reduction="sum")
-        return total / max(1, y.numel())
+            loss = self._criterion(out[mask][:, columns], targets)
+            total = total + (loss * count if self._reduction == "mean" else loss)
+        return total / max(1, y.numel()) if self._reduction == "mean" else total
 
     def _after_training_exp(self, **kwargs: Any) -> None:
         # Close the task: the memory plugins see the trained branch live, then it is merged and the head frozen;

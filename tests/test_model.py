@@ -282,3 +282,41 @@ def test_pretrained_cfg_is_the_backbones_so_timm_resolves_its_data_config():
     assert resolve_model_data_config(dino)["input_size"] == (3, 518, 518)  # timm's default would be 224
     bare = InfLoRAViT(tiny_vit(), rank=2)  # a ready module: its own cfg
     assert bare.pretrained_cfg["architecture"] == "vit_tiny_patch16_224"
+
+
+def test_timm_model_interface_serves_timm_optimiser_factory_and_layer_decay():
+    model = InfLoRAViT(tiny_vit(), rank=2)
+    assert model.no_weight_decay() == {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
+    model.reset_classifier(5)
+    assert model.num_classes == 5 and model.get_classifier() is model.heads
+    model.start_task([0, 1])
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    trained = {names[i]: s for i, s in scale_of.items()}
+    assert set(trained) == {n for n, p in model.named_parameters() if p.requires_grad}
+    # Deeper blocks decay less; the head is in the last (undecayed) group.
+    block0 = {s for n, s in trained.items() if n.startswith("backbone.blocks.0.")}
+    block1 = {s for n, s in trained.items() if n.startswith("backbone.blocks.1.")}
+    assert len(block0) == len(block1) == 1 and block0.pop() < block1.pop() < 1.0
+    assert all(s == 1.0 for n, s in trained.items() if n.startswith("heads."))
+    with pytest.raises(ValueError, match="reset_classifier after 1 task"):
+        model.reset_classifier(10)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        model = InfLoRAViT(tiny_vit(), rank=2)
+        model.set_grad_checkpointing(checkpointing)
+        assert model.backbone.grad_checkpointing is checkpointing
+        model.start_task([0, 1])
+        for _, adapter in model.adapters():
+            torch.nn.init.normal_(adapter.up, std=0.1)
+        model.train()
+        model(x)[:, :2].logsumexp(1).sum().backward()
+        grads.append([p.grad.clone() for p in model.trainable_parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

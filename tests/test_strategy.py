@@ -14,6 +14,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from conftest import SyntheticImages, tiny_vit
 from inflora_avalanche import InfLoRAStrategy, InfLoRAViT, SubspaceUpdatePlugin
+from inflora_avalanche.alignment import ClassifierAlignmentPlugin
 from inflora_avalanche.strategy import reference_cosine_factor
 
 ORDER = [4, 1, 5, 0, 2, 3]
@@ -106,8 +107,10 @@ def test_nc_benchmark_non_contiguous_labels_and_uneven_experiences():
         train, test, n_experiences=3, task_labels=False, fixed_class_order=[41, 3, 20, 7, 42, 11],
         per_exp_classes={0: 3, 1: 2, 2: 1},
     )
+    alignment = ClassifierAlignmentPlugin(logit_normalization=False, epochs=1, samples_per_class=8)  # a 1-class task
     model = InfLoRAViT(tiny_vit(), rank=2)
-    strategy = InfLoRAStrategy(model=model, train_epochs=1, train_mb_size=16, evaluator=quiet_evaluator())
+    strategy = InfLoRAStrategy(model=model, train_epochs=1, train_mb_size=16, evaluator=quiet_evaluator(),
+                               plugins=[alignment])
     for experience in benchmark.train_stream:
         strategy.train(experience)
     assert model.task_classes == [[3, 20, 41], [7, 42], [11]]
@@ -119,13 +122,15 @@ def test_nc_benchmark_non_contiguous_labels_and_uneven_experiences():
 
 
 def test_class_incremental_benchmark_uneven_classes():
-    benchmark = make_benchmark(order=[5, 0, 3, 1, 4, 2], experiences=None, num_classes_per_exp=[3, 2, 1])
+    benchmark = make_benchmark(order=[5, 0, 3, 1, 4, 2], experiences=None, num_classes_per_exp=[3, 1, 2])
+    alignment = ClassifierAlignmentPlugin(logit_normalization=False, epochs=1, samples_per_class=8)  # a 1-class task
     model = InfLoRAViT(tiny_vit(), rank=2)
-    strategy = InfLoRAStrategy(model=model, train_epochs=1, train_mb_size=32, evaluator=quiet_evaluator())
+    strategy = InfLoRAStrategy(model=model, train_epochs=1, train_mb_size=32, evaluator=quiet_evaluator(),
+                               plugins=[alignment])
     for experience in benchmark.train_stream:
         strategy.train(experience)
         strategy.eval(benchmark.test_stream)  # future experiences' labels must not break evaluation
-    assert model.task_classes == [[0, 3, 5], [1, 4], [2]]
+    assert model.task_classes == [[0, 3, 5], [1], [2, 4]]
 
 
 def output_drift(model: InfLoRAViT, x: torch.Tensor, before: dict[str, torch.Tensor]) -> float:

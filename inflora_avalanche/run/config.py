@@ -196,12 +196,38 @@ def validate_config(config: dict) -> dict:
                f"choose --n-experiences among {[n for n in range(1, known + 1) if known % n == 0]}")
     if _is_int(c["classes"]):
         _check(c["classes"] >= 2, "classes: 1 class in all, but class-incremental learning needs at least two")
+    counted = known if known is not None else c["classes"] if _is_int(c["classes"]) else len(c["classes"] or [])
+    if counted and not c["split_manifest"]:  # a manifest fixes the classes: checked once the stream is built
+        check_one_class_experiences(c, counted)
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
     _check(not (c["device_augment"] and not stream.device_augment),
            f"device_augment is for {names(S.REGISTRY[n].label for n in S.streams_where(lambda s: s.device_augment))} "
            "(decoded uint8 tensors); folder streams decode in DataLoader workers: drop --device-augment")
     return config
+
+
+def check_one_class_experiences(config: dict, num_classes: int) -> None:
+    """A low-rank method with one class per experience learns only through classifier alignment without logit
+    normalisation (a task's own head has nothing to tell its class from; the old heads are frozen and no old
+    samples are kept): refused otherwise, with the option that makes it work."""
+    method = config["method"]
+    if num_classes != config["n_experiences"] or method not in (setting_owners("rank") or []):
+        return
+    alignment = config.get("classifier_alignment")
+    if isinstance(alignment, dict) and alignment.get("logit_normalization") is False:
+        return
+    how = ("add --classifier-alignment '{\"logit_normalization\": false}' (classifier alignment trains every head on "
+           "the stored class statistics after each task)" if "classifier_alignment" in _method_keys(method)
+           else "use --method inflora_ca with --classifier-alignment '{\"logit_normalization\": false}'")
+    raise ConfigError(f"{num_classes} classes in {config['n_experiences']} experiences is one class per experience: "
+                      f"a task of one class gives {method} nothing to learn (its head has no other class to tell it "
+                      f"from; the old heads are frozen and no old samples are kept); {how}, or choose fewer "
+                      "experiences")
+
+
+def _method_keys(method: str) -> set:
+    return {f.name for f in REGISTRY[method].fields}
 
 
 def check_input_size(config: dict) -> None:

@@ -34,7 +34,7 @@ from ..strategy_state import load_strategy_state, strategy_state
 from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume
 
 DEMO_BANNER = (
-    "DEMO: scikit-learn's 8x8 digits (5 experiences x 2 classes) on a tiny random-init ViT, on the CPU. It runs the "
+    "DEMO: scikit-learn's 8x8 digits (10 classes) on a tiny random-init ViT, on the CPU. It runs the "
     "same code as the benchmarks to check the installation; its numbers are NOT the benchmark's."
 )
 ExperienceCallback = Callable[[int, Any, dict], None]
