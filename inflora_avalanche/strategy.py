@@ -79,11 +79,13 @@ class LowRankStrategy(SupervisedTemplate):
     group at ``lr``, the head's at ``head_lr``, any other group the model declares at ``lr``), and closes the task
     when training ends: plugins with ``update_task_memory(strategy)`` update their memories with the trained branch
     live, then the model finishes the task (its adapters close their branches, the head is frozen), before the other
-    plugins' ``after_training_exp``. Training runs on the task's own classes (an experience with a single class is
-    trained against every seen class: alone its loss would be 0). A sample of an earlier task (e.g. from a
-    ``ReplayPlugin``) is trained on its own task's head, so its gradient reaches the current branches. Evaluation
-    uses every seen head (class-incremental), or with ``eval_task_labels`` only the classes trained under the
-    sample's task label.
+    plugins' ``after_training_exp``. Training runs on the task's own classes with the user's ``criterion`` (an
+    experience of a single class needs ``ClassifierAlignmentPlugin(logit_normalization=False)``: alone its loss is
+    0). A sample of an earlier task (e.g. from a ``ReplayPlugin``) is trained on its own task's head, so its
+    gradient reaches the current branches. Evaluation uses every seen head (class-incremental), or with
+    ``eval_task_labels`` only the classes trained under the sample's task label; it works before any training.
+    Plugins and criteria the strategy cannot honour are refused when it is built
+    (:mod:`~inflora_avalanche.plugin_support`), online sub-experiences when they arrive.
 
     Args:
         model: a :class:`~inflora_avalanche.model.LowRankViT`.

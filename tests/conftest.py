@@ -22,6 +22,15 @@ TEST_WEIGHTS = os.environ.get("INFLORA_TEST_WEIGHTS") or (
     str(SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors")
     if (SHARED / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors").is_file() else None)
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one CPU thread for the test, then as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 

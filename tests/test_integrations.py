@@ -21,11 +21,8 @@ CLASSES = list(range(6))
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Tiny models run fastest on one thread."""
 
 
 def _benchmark(labels=CLASSES, task_labels=False):

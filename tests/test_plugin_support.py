@@ -30,11 +30,8 @@ AVALANCHE_PLUGINS = sorted(name for name in dir(avalanche_plugins)
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Tiny models run fastest on one thread."""
 
 
 def _benchmark(labels=tuple(range(6)), experiences=3):
