@@ -250,6 +250,8 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
                  "seed0/metrics.json", "seed0/log.txt", "seed0/csv/eval_results.csv"):
         assert (out / name).is_file(), name
     assert any((out / "seed0" / "tensorboard").iterdir())
+    # the resolved config as YAML: --config reads it back to the same settings
+    assert cli.config_from_argv(["--config", str(out / "config.yaml")]) == json.loads((out / "config.json").read_text())
     results = json.loads((out / "results.json").read_text())
     run = results["seeds"][0]
     assert results["demo"] is True and len(run["A_t"]) == 5

@@ -105,6 +105,9 @@ COMMON_FIELDS: tuple[Field, ...] = (
     _F("overwrite", "bool", False, "allow writing into an existing non-empty --out folder", resume="free"),
     _F("resume", "bool", False, "continue the run in --out from its checkpoint (written after every experience)",
        resume="free"),
+    _F("resume_with_changes", "bool", False, "--resume also when training settings (lr, epochs, ...) differ from "
+       "the checkpoint's: later experiences train with the new ones, and results.json records per experience which "
+       "were used", resume="free"),
     _F("export", "path", None, "after every experience, write the merged model as a timm folder "
        "DIR/seed<N>/after_exp<t>/ (model.safetensors + config.json; methods: " + ", ".join(methods_with(EXPORT)) + ")",
        nullable=True, resume="free"),
@@ -196,6 +199,8 @@ def validate_config(config: dict) -> dict:
                f"choose --n-experiences among {[n for n in range(1, known + 1) if known % n == 0]}")
     if _is_int(c["classes"]):
         _check(c["classes"] >= 2, "classes: 1 class in all, but class-incremental learning needs at least two")
+    if c["resume_with_changes"]:
+        c["resume"] = True
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
     _check(not (c["device_augment"] and not stream.device_augment),

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .. import distributed as ddp
+from ..io import atomic_write_text
 from ..checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..methods import DIAGNOSTICS, JOINT, get_method
 from ..backbone import WeightsUnavailableError
@@ -31,6 +32,7 @@ from .output import (OutputLock, check_export_dir, discard_new_entries, export_e
                      missing_folders, prepare_output_dir, remove_empty_folders, write_json, write_results)
 from .parallel import on_all, on_main, user_errors
 from ..strategy_state import load_strategy_state, strategy_state
+from .settings_file import config_file_text
 from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume
 
 DEMO_BANNER = (
@@ -211,12 +213,14 @@ def run_experiment(
     extra_plugins: Callable[[int], Iterable[Any]] = lambda seed: (),
     on_experience_end: Optional[Callable[[int, int, Any, dict], None]] = None,
     log: Callable[[str], None] = print,
+    preset_source: Optional[str] = None,
 ) -> dict:
     """Run every seed of ``config`` and write the results; returns the content of ``results.json``.
 
     ``extra_plugins(seed)`` gives additional plugins for a seed's strategy; ``on_experience_end(seed, t, strategy,
     partial)`` runs after each experience. After every experience the run's state goes to ``<out>/checkpoint.safetensors``
     (atomically); with ``resume`` the run continues from it. Under ``torch.distributed`` only rank 0 logs and writes.
+    ``preset_source``: the preset its written ``config.yaml`` names (default: ``config["preset"]``).
     """
     validate_config(config)
     main_process = ddp.is_main_process()
@@ -248,7 +252,7 @@ def run_experiment(
         bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
         on_main(lambda: B.check_stream(config, info))
         return _run_seeds({**config, "out": str(out_dir)}, bench, info, out_dir, has_checkpoint, extra_plugins,
-                          on_experience_end, log)
+                          on_experience_end, log, preset_source or config.get("preset"))
     except BaseException as err:
         # Stopped by the user or by a user error before the first checkpoint: nothing can be resumed, so what the
         # run wrote is taken back (the split manifest, config.json, logs of a partial experience) and --out is as
@@ -278,7 +282,7 @@ def run_experiment(
 
 def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_checkpoint: bool,
                extra_plugins: Callable[[int], Iterable[Any]], on_experience_end: Optional[Callable],
-               log: Callable[[str], None]) -> dict:
+               log: Callable[[str], None], preset_source: Optional[str] = None) -> dict:
     """Every seed of ``config`` in ``out_dir`` (locked), from the checkpoint on with ``resume``."""
     main_process = ddp.is_main_process()
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -299,7 +303,9 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
     if main_process:
         if checkpoint is None and ckpt_path.exists():
             ckpt_path.unlink()  # --overwrite: a stale checkpoint must not be resumed later
-        write_json(out_dir / ("config.json" if checkpoint is None else "config_resumed.json"), config)
+        name = "config" if checkpoint is None else "config_resumed"
+        write_json(out_dir / f"{name}.json", config)
+        atomic_write_text(out_dir / f"{name}.yaml", config_file_text(config, preset_source or config["preset"]))
     log(f"{config['method']} on {info.name}: {info.num_classes} classes, {info.n_experiences} experiences, "
         f"{info.train_size} train / {info.test_size} test images; seeds {config['seeds']}; device "
         f"{B.resolve_device(config)}; {ddp.world_size()} process(es); results in {out_dir}")
