@@ -59,6 +59,7 @@ def parse_run(argv: Sequence[str], benchmark: Optional[str] = None, prog: str = 
     first = first_pass(argv, default_preset(benchmark))
     file_values = config_file_values(first)
     file_preset = file_values.get("preset")
+    # `demo: true` in a file is the --demo switch only without another preset (a copy of the demo preset has it too)
     demo = first.demo or (file_values.get("demo") is True and file_preset in (None, P.DEMO_PRESET))
     preset = first.preset or file_preset or default_preset(benchmark)
     if demo:
@@ -118,6 +119,9 @@ def _run_checked(argv: list, benchmark: Optional[str], prog: str) -> int:
     try:
         config, preset_source = parse_run(argv, benchmark, prog)
         check_launch(config)
+        from .preflight import check_before_heavy_imports
+
+        check_before_heavy_imports(config)
     except C.ConfigError as err:
         fail(str(err))
     from .loop import run_experiment

@@ -25,7 +25,7 @@ from ..backbone import WeightsUnavailableError
 from ..results import aggregate, format_summary, joint_result, seed_result
 from ..streams import StreamInfo
 from . import build as B
-from .config import DEFAULTS, RESUME_FREE_KEYS, validate_config
+from .config import validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
 from .output import (OutputLock, check_export_dir, discard_new_entries, export_experience, make_folders,
@@ -33,7 +33,7 @@ from .output import (OutputLock, check_export_dir, discard_new_entries, export_e
 from .parallel import on_all, on_main, user_errors
 from ..strategy_state import load_strategy_state, strategy_state
 from .settings_file import config_file_text
-from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume
+from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume, with_schema_defaults
 
 DEMO_BANNER = (
     "DEMO: scikit-learn's 8x8 digits (5 experiences x 2 classes) on a tiny random-init ViT, on the CPU. It runs the "
@@ -174,10 +174,33 @@ def run_seed(
     return result
 
 
-def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], runtime_s: float) -> dict:
-    """The content of ``results.json``."""
+def settings_by_experience(changes: list[dict], config: dict, seed_index: int, experiences: int) -> dict:
+    """``{key: [the value experience 1, 2, ... of seed number seed_index trained with]}`` for every setting a resume
+    with ``--resume-with-changes`` changed; ``changes``: the checkpoint's record, oldest first, each
+    ``{"seed_index", "experiences_done", "changed": {key: [before, after]}}``."""
+    values: dict[str, list] = {}
+    for key in sorted({k for change in changes for k in change["changed"]}):
+        column = []
+        for t in range(experiences):
+            # the first change made after this experience was trained holds the value it was trained with
+            later = [c for c in changes if key in c["changed"]
+                     and (seed_index, t) < (c["seed_index"], c["experiences_done"])]
+            column.append(later[0]["changed"][key][0] if later else config[key])
+        values[key] = column
+    return values
+
+
+def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], runtime_s: float,
+                     changes: Optional[list] = None) -> dict:
+    """The content of ``results.json``. ``changes``: the settings changed on resume (``settings_changes``); then
+    every seed's entry says which values each experience was trained with (``settings_by_experience``), since
+    ``config`` holds only the latest."""
     from .presets import method_label
 
+    if changes:
+        seed_results = [{**result, "settings_by_experience": settings_by_experience(
+            changes, config, index, len(result["accuracy_matrix"]))} for index, result in enumerate(seed_results)]
+    extra = {"settings_changes": changes} if changes else {}
     return {
         "preset": config.get("preset"),
         "method": config["method"],
@@ -192,6 +215,7 @@ def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], r
         "device": B.resolve_device(config),
         "torch_threads": torch.get_num_threads(),
         "world_size": ddp.world_size(),
+        **extra,
     }
 
 
@@ -290,16 +314,21 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
     if config["resume"] and has_checkpoint:
         checkpoint = on_all(lambda: load_checkpoint(ckpt_path))
         # a setting added to the schema after the checkpoint was written ran with its default then
-        checkpoint["config"] = {**{k: v for k, v in DEFAULTS.items() if k not in RESUME_FREE_KEYS},
-                                **checkpoint["config"]}
+        checkpoint["config"] = with_schema_defaults(checkpoint["config"])
         changed = on_all(lambda: check_resume(config, info, checkpoint, ckpt_path))
         log(f"resuming from {ckpt_path}: seed {checkpoint['seed']}, {checkpoint['experiences_done']} of "
             f"{info.n_experiences} experiences done")
-        if changed:
-            log("resuming with changed settings (results after the checkpoint differ from an uninterrupted run): "
+        changes = list(checkpoint.get("settings_changes") or [])
+        if changed:  # --resume-with-changes
+            changes.append({"seed_index": checkpoint["seed_index"], "seed": checkpoint["seed"],
+                            "experiences_done": checkpoint["experiences_done"],
+                            "changed": {k: [a, b] for k, (a, b) in changed.items()}})
+            log("resuming with changed settings (results.json records which experiences used which): "
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     elif config["resume"]:
         log(f"--resume: no checkpoint in {out_dir}; starting from the first experience")
+    if checkpoint is None:
+        changes = []
     if main_process:
         if checkpoint is None and ckpt_path.exists():
             ckpt_path.unlink()  # --overwrite: a stale checkpoint must not be resumed later
@@ -322,7 +351,7 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
             resume_state = checkpoint
             if checkpoint["experiences_done"] >= steps:
                 seed_results.append(checkpoint["result"])
-                results = assemble_results(config, info, seed_results, previous_runtime)
+                results = assemble_results(config, info, seed_results, previous_runtime, changes)
                 if main_process:
                     write_results(results, out_dir)
                 continue
@@ -335,7 +364,7 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
                     "seed_index": _index, "seed": _seed, "experiences_done": t + 1, "completed": seed_results,
                     "result": partial, "strategy": strategy_state(strategy), "rng": rng_state(),
                     "fingerprint": strategy.backbone_fingerprint,
-                    "runtime_s": previous_runtime + time.perf_counter() - started,
+                    "runtime_s": previous_runtime + time.perf_counter() - started, "settings_changes": changes,
                 })
             if main_process and config["export"]:
                 export_experience(config, info, strategy, _seed, t)
@@ -351,7 +380,8 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
                     else "no experience had finished, so there is no checkpoint")
             raise NonFiniteLossError(f"{err}; {kept}") from None
         seed_results.append(result)
-        results = assemble_results(config, info, seed_results, previous_runtime + time.perf_counter() - started)
+        results = assemble_results(config, info, seed_results, previous_runtime + time.perf_counter() - started,
+                                   changes)
         if main_process:
             write_results(results, out_dir)
     log("")

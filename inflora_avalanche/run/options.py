@@ -161,6 +161,11 @@ def config_file_values(first: argparse.Namespace) -> dict:
     if not first.config:
         return {}
     values = P.load_config_file(first.config)
+    if "preset" in values:
+        try:
+            P.load_preset(values["preset"])
+        except C.ConfigError as err:
+            raise C.ConfigError(f"config file {first.config}: {err}") from None
     if first.preset and "preset" in values and values["preset"] != first.preset:
         raise C.ConfigError(f"--preset {first.preset} and the preset of config file {first.config} "
                             f"({values['preset']}) differ; give the preset once")

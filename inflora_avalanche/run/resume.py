@@ -86,9 +86,11 @@ def check_resume_settings(saved: dict, config: dict, path: Path, error: type = C
                if k not in RESUME_FREE_KEYS and k not in RESUME_IDENTITY_KEYS and not _same(saved.get(k), config.get(k))}
     if changed and not config.get("resume_with_changes"):
         out = Path(path).parent
+        latest = next((out / n for n in ("config_resumed.yaml", "config.yaml") if (out / n).is_file()), None)
+        how = f"`--config {latest} --resume`, or drop those flags" if latest else "drop those flags"
         raise error(
             f"the checkpoint {path} was trained with other settings ({_show(changed)}); resume with the "
-            f"checkpoint's settings (`--config {out / 'config.yaml'} --resume`, or drop those flags), or start anew in "
+            f"checkpoint's settings ({how}), or start anew in "
             "another --out; --resume-with-changes continues with the new settings and records which experiences "
             "used which in results.json")
     return changed

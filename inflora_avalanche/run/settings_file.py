@@ -36,8 +36,7 @@ def _yaml_loader() -> Any:
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and "
-                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                        None, None, f"key {key!r} is given twice, first on line {seen[key] + 1}", key_node.start_mark)
                 seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
