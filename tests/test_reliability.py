@@ -262,6 +262,16 @@ def test_resume_with_changes_records_the_settings_of_every_experience(interrupte
     _one_line_error(code, err, "--lr 0.005 there, 0.01 now", f"--config {run / 'config_resumed.yaml'} --resume")
 
 
+def test_compare_resume_with_changed_settings_is_refused_before_any_method_runs(interrupted_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(interrupted_run, out / "inflora")
+    before = _tree(out)
+    code = cli.main(["compare", "--preset", P.DEMO_PRESET, "--methods", "inflora", "--epochs", "1", "--lr", "0.001",
+                     "--no-progress", "--out", str(out), "--resume"])
+    _one_line_error(code, capsys.readouterr().err.strip(), "--lr 0.01 there, 0.001 now", "--resume-with-changes")
+    assert _tree(out) == before  # no comparison table, no method run
+
+
 def test_settings_by_experience_follows_several_resumes():
     changes = [{"seed_index": 0, "experiences_done": 2, "changed": {"lr": [0.1, 0.01]}},
                {"seed_index": 1, "experiences_done": 1, "changed": {"lr": [0.01, 0.001], "epochs": [3, 4]}}]

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 from ..results import average_forgetting, mean_std
 from . import config as C
 from . import presets as P
+from .preflight import check_resume_checkpoint
 from .options import (PROG, Parser, add_config_flag, add_field_flags, check_launch, config_file_values, fail, first_pass,
                       help_defaults, overrides_from)
 
@@ -206,6 +207,8 @@ def compare_main(argv: Sequence[str]) -> int:
         args, configs = method_configs(argv)
         for config in configs.values():
             check_launch(config)
+            # before any method runs: a --resume that one of them would refuse must not rewrite the table
+            check_resume_checkpoint(config, Path(config["out"]).expanduser())
     except C.ConfigError as err:
         fail(str(err))
     first = next(iter(configs.values()))
