@@ -24,8 +24,8 @@ from ..results import average_forgetting, mean_std
 from . import config as C
 from . import presets as P
 from .preflight import check_resume_checkpoint
-from .options import (PROG, Parser, add_config_flag, add_field_flags, check_launch, config_file_values, fail, first_pass,
-                      help_defaults, overrides_from)
+from .options import (PROG, Parser, add_config_flag, add_field_flags, check_launch, config_file_values, fail,
+                      first_pass, help_defaults, overrides_from)
 
 METRICS = ("A_last", "A_avg", "forgetting", "trainable_params", "train_time_s", "peak_memory_mb")
 METRIC_HEADERS = {

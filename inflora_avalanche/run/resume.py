@@ -80,10 +80,11 @@ def check_resume_settings(saved: dict, config: dict, path: Path, error: type = C
     for key in IDENTITY_ORDER:
         if not _same(saved.get(key), config.get(key)):
             raise error(
-                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has {key}={config.get(key)!r}; "
-                "resume with the same settings, or choose another --out (or --overwrite) to start anew")
-    changed = {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))
-               if k not in RESUME_FREE_KEYS and k not in RESUME_IDENTITY_KEYS and not _same(saved.get(k), config.get(k))}
+                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has "
+                f"{key}={config.get(key)!r}; resume with the same settings, or choose another --out (or --overwrite) "
+                "to start anew")
+    compared = sorted((set(saved) | set(config)) - RESUME_FREE_KEYS - RESUME_IDENTITY_KEYS)
+    changed = {k: (saved.get(k), config.get(k)) for k in compared if not _same(saved.get(k), config.get(k))}
     if changed and not config.get("resume_with_changes"):
         out = Path(path).parent
         latest = next((out / n for n in ("config_resumed.yaml", "config.yaml") if (out / n).is_file()), None)
