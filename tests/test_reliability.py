@@ -586,8 +586,8 @@ def _third_round_cases(tmp_path: Path) -> dict:
         "--split-seed with train/ and val/ folders": (folder + ["--data-root", str(given_split), "--split-seed", "3"],
                                                       "--split-seed does nothing here", "has train/ and val/"),
         "--normalize with the digits": (demo + ["--normalize"], "--normalize does nothing for the digits stream"),
-        "--no-download and --domains with the digits": (
-            demo + ["--no-download", "--domains", "real"], "these settings do nothing for the digits stream: "
+        "--download and --domains with the digits": (
+            demo + ["--download", "--domains", "real"], "these settings do nothing for the digits stream: "
             "--download (read by split_cifar100); --domains (read by domainnet)"),
         "--mean without --normalize": (demo + ["--mean", "0.5", "0.5", "0.5"], "--mean only applies with --normalize"),
         "--gamma without the step schedule": (demo + ["--gamma", "0.5"], "--gamma applies to --lr-schedule step, not "
@@ -608,7 +608,7 @@ THIRD_ROUND = ["--config missing", "--config a folder", "--config malformed YAML
                "--out a symbolic link to a file", "--out a dangling symbolic link", "--data-root a file",
                "--data-root with a generated stream", "--domains with CIFAR-100", "--test-fraction with CIFAR-100",
                "--split-manifest with CIFAR-100", "--split-seed with train/ and val/ folders",
-               "--normalize with the digits", "--no-download and --domains with the digits",
+               "--normalize with the digits", "--download and --domains with the digits",
                "--mean without --normalize", "--gamma without the step schedule", "--head-lr with L2P",
                "--lamb with Sequential LoRA"]
 
@@ -628,6 +628,18 @@ def test_runner_settings_and_config_files_are_one_line_exit_2_before_anything(ca
     _one_line_error(code, captured.err.strip(), *needles)
     assert captured.out == ""  # not even --help's text
     assert _tree(tmp_path) == before  # nothing created, changed or removed
+
+
+def test_stream_settings_are_refused_only_when_they_ask_for_something():
+    """A switch turned off or a value cleared to null asks the stream for nothing (scripts may pass --no-download
+    everywhere); the preset's own values are never refused; the same settings are read where the stream reads them."""
+    assert not cli.config_from_argv(["--demo", "--no-download", "--no-normalize", "--set", "domains=null"])["download"]
+    assert cli.config_from_argv(["--preset", "imagenet_r_10", "--data-root", "x", "--no-download"], "imagenet_r")
+    config = cli.config_from_argv(["--preset", "domainnet_inflora", "--data-root", "x", "--domains", "real",
+                                   "--normalize", "--mean", "0.5", "0.5", "0.5"], "domainnet")
+    assert (config["domains"], config["normalize"], config["mean"]) == (["real"], True, [0.5, 0.5, 0.5])
+    with pytest.raises(C.ConfigError, match="--domains does nothing for the imagenet_r stream"):
+        cli.config_from_argv(["--preset", "imagenet_r_10", "--data-root", "x", "--domains", "real"], "imagenet_r")
 
 
 # --------------------------------------------------------------------------------------------------- divergence

@@ -279,8 +279,8 @@ def check_stream_settings(config: dict, explicit: set) -> None:
     one line, rather than ignored: a data folder for a generated stream, DomainNet's domains elsewhere, a split seed
     where the split is fixed, ..."""
     stream = S.get_stream(config["benchmark"])
-    unread = [k for k in STREAM_READ_KEYS  # a value cleared to null claims nothing
-              if k in explicit and config[k] is not None and config["benchmark"] not in _readers(k)]
+    unread = [k for k in STREAM_READ_KEYS  # null, or a switch turned off (--no-download), asks for nothing
+              if k in explicit and config[k] not in (None, False) and config["benchmark"] not in _readers(k)]
     if len(unread) == 1:
         key = unread[0]
         readers = _readers(key)
