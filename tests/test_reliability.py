@@ -215,9 +215,109 @@ def test_resume_refuses_different_data(interrupted_run):
     info.train_size += 1
     with pytest.raises(CheckpointError, match="data stream differs .*train_size"):
         check_resume(config, info, state, interrupted_run)
-    # other settings may change (e.g. a lower learning rate after a divergence); they are reported
-    assert check_resume({**config, "lr": 0.001}, build.build_stream(config)[1], state, interrupted_run) == {
-        "lr": (0.01, 0.001)}
+    # other training settings (e.g. a lower learning rate after a divergence) only with --resume-with-changes
+    with pytest.raises(CheckpointError, match="trained with other settings \\(--lr 0.01 there, 0.001 now\\)"):
+        check_resume({**config, "lr": 0.001}, build.build_stream(config)[1], state, interrupted_run)
+    assert check_resume({**config, "lr": 0.001, "resume_with_changes": True}, build.build_stream(config)[1], state,
+                        interrupted_run) == {"lr": (0.01, 0.001)}
+
+
+def _tree(folder: Path) -> list:
+    return sorted((str(p.relative_to(folder)), p.lstat().st_mtime_ns, p.lstat().st_size) for p in folder.rglob("*"))
+
+
+def test_resume_with_changed_training_settings_is_refused_naming_them(interrupted_run, tmp_path, capsys):
+    """Results must not claim settings earlier experiences never trained with: one line naming each changed setting
+    with the checkpoint's and this run's value, and how to go on; nothing in the folder is touched."""
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
+    before = _tree(run)
+    code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=2", "--lr", "0.001", "--out", str(run),
+                      "--resume")
+    _one_line_error(code, err, "trained with other settings (--epochs 1 there, 2 now, --lr 0.01 there, 0.001 now)",
+                    f"--config {run / 'config.yaml'} --resume", "another --out", "--resume-with-changes")
+    assert _tree(run) == before
+
+
+def test_resume_with_changes_records_the_settings_of_every_experience(interrupted_run, tmp_path, capsys):
+    """``--resume-with-changes``: the later experiences train with the new settings; results.json keeps the config
+    (the latest), lists the change and says per experience which values were used; experience 1 is not retrained."""
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
+    first = json.loads((run / "seed0" / "metrics.json").read_text())
+    code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--lr", "0.005", "--out", str(run),
+                      "--resume-with-changes")
+    assert code == 0, err
+    results = json.loads((run / "results.json").read_text())
+    assert results["settings_changes"] == [{"seed_index": 0, "seed": 0, "experiences_done": 1,
+                                            "changed": {"lr": [0.01, 0.005]}}]
+    seed = results["seeds"][0]
+    assert seed["settings_by_experience"] == {"lr": [0.01, 0.005, 0.005, 0.005, 0.005]}
+    assert seed["accuracy_matrix"][0] == first["accuracy_matrix"][0]  # what was trained is kept as it was
+    assert results["config"]["lr"] == 0.005 and json.loads((run / "config.json").read_text())["lr"] == 0.01
+    assert "seed 0 from experience 2: lr 0.01 -> 0.005" in (run / "summary.txt").read_text()
+    # the checkpoint keeps the record, so a later resume neither loses it nor accepts the old settings silently
+    assert load_checkpoint(run / CHECKPOINT_NAME)["settings_changes"] == results["settings_changes"]
+    code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--out", str(run), "--resume")
+    _one_line_error(code, err, "--lr 0.005 there, 0.01 now", f"--config {run / 'config_resumed.yaml'} --resume")
+
+
+def test_compare_resume_with_changed_settings_is_refused_before_any_method_runs(interrupted_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(interrupted_run, out / "inflora")
+    before = _tree(out)
+    code = cli.main(["compare", "--preset", P.DEMO_PRESET, "--methods", "inflora", "--epochs", "1", "--lr", "0.001",
+                     "--no-progress", "--out", str(out), "--resume"])
+    _one_line_error(code, capsys.readouterr().err.strip(), "--lr 0.01 there, 0.001 now", "--resume-with-changes")
+    assert _tree(out) == before  # no comparison table, no method run
+
+
+def test_settings_by_experience_follows_several_resumes():
+    changes = [{"seed_index": 0, "experiences_done": 2, "changed": {"lr": [0.1, 0.01]}},
+               {"seed_index": 1, "experiences_done": 1, "changed": {"lr": [0.01, 0.001], "epochs": [3, 4]}}]
+    config = {"lr": 0.001, "epochs": 4}
+    assert loop.settings_by_experience(changes, config, 0, 3) == {"epochs": [3, 3, 3], "lr": [0.1, 0.1, 0.01]}
+    assert loop.settings_by_experience(changes, config, 1, 3) == {"epochs": [3, 4, 4], "lr": [0.01, 0.001, 0.001]}
+    assert loop.settings_by_experience(changes, config, 2, 2) == {"epochs": [4, 4], "lr": [0.001, 0.001]}
+
+
+def test_file_and_folder_checks_answer_before_torch_is_imported(interrupted_run, tmp_path):
+    """The output folder (holding results, a file), a missing data folder or weights file and a checkpoint trained
+    with other settings are refused before torch is imported (that takes seconds): each in a fresh process that
+    reports whether torch was loaded when the error came."""
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "results.json").write_text("{}")
+    (held / "seed0" / "after_exp1").mkdir(parents=True)
+    (held / "seed0" / "after_exp1" / "model.safetensors").write_text("x")
+    (tmp_path / "a_file").write_text("x")
+    run = tmp_path / "run"
+    shutil.copytree(interrupted_run, run)
+    demo = ["run", "--demo", "--no-progress"]
+    cases = {
+        "--out holds results": (demo + ["--out", str(held)], "already holds results"),
+        "--out is a file": (demo + ["--out", str(tmp_path / "a_file")], "is a file"),
+        "missing --data-root": (["run", "--preset", "imagenet_r_10", "--data-root", str(tmp_path / "nowhere"), "--out",
+                                 str(tmp_path / "new")], "does not exist"),
+        "missing --weights": (demo + ["--weights", str(tmp_path / "nowhere.safetensors")], "no such file"),
+        "--resume with another lr": (demo + ["--lr", "0.001", "--set", "epochs=1", "--out", str(run), "--resume"],
+                                     "trained with other settings"),
+        "--export holds exports": (demo + ["--export", str(held), "--out", str(tmp_path / "new")],
+                                   "already holds exported models"),
+    }
+    probe = ("import json, sys\nfrom inflora_avalanche.run.cli import main\nfound = []\n"
+             "for argv in json.loads(sys.argv[1]):\n    found.append([main(argv), 'torch' in sys.modules])\n"
+             "print('RESULT', json.dumps(found))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", probe, json.dumps([argv for argv, _ in cases.values()])],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    found = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == len(cases), proc.stderr
+    for (name, (_, needle)), (code, torch_loaded), line in zip(cases.items(), found, errors):
+        assert code == 2 and line.startswith("error: ") and needle in line, (name, line)
+        assert not torch_loaded, name
+    assert not (tmp_path / "new").exists() and (held / "results.json").read_text() == "{}"
 
 
 def test_resume_refuses_other_backbone_weights(interrupted_run, tmp_path, capsys):
@@ -409,6 +509,137 @@ def test_bad_input_is_one_line_exit_2_before_training(case, tmp_path, capsys, mo
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, nothing removed
     if case == "existing output folder":
         assert (tmp_path / "existing" / "results.json").read_text() == "{}"
+
+
+# third round (issue 20): runner settings and config files. name -> (argv of `inflora-avalanche`, text of the line)
+def _third_round_cases(tmp_path: Path) -> dict:
+    files = tmp_path / "files"
+    files.mkdir()
+
+    def file(name: str, text, binary: bool = False) -> str:
+        path = files / name
+        path.write_bytes(text) if binary else path.write_text(text)
+        return str(path)
+
+    (files / "folder.yaml").mkdir()
+    five = _image_folder(tmp_path / "five", 5)
+    given_split = _image_folder(tmp_path / "given" / "train", 2).parent
+    _image_folder(given_split / "val", 2)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "to_a_file").symlink_to(tmp_path / "a_file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    manifest = file("split.json", "{}")
+    run, demo = ["run", "--no-progress"], ["run", "--demo", "--no-progress"]
+    out = ["--out", str(tmp_path / "out")]
+    folder = ["run", "--preset", str(_tiny_folder_preset(tmp_path)), *out]
+    return {
+        "--config missing": (run + ["-c", str(files / "missing.yaml")], "config file", "missing.yaml: no such file"),
+        "--config a folder": (run + ["--config", str(files / "folder.yaml")], "folder.yaml is a folder; give the file"),
+        "--config malformed YAML": (run + ["-c", file("bad.yaml", "lr: [1, 2\n")],
+                                    "bad.yaml is not valid YAML: expected ',' or ']'", "(line 2, column 1)"),
+        "--config malformed JSON": (run + ["-c", file("bad.json", '{"lr": 0.1,}')], "bad.json is not valid JSON"),
+        "--config a YAML list": (run + ["-c", file("list.yaml", "- lr: 0.1\n- epochs: 2\n")],
+                                 "must hold a YAML mapping of settings (key: value), not a list"),
+        "--config a single value": (run + ["-c", file("value.yml", "0.001\n")], "not a single value (0.001)"),
+        "--config empty": (run + ["-c", file("empty.yaml", "# nothing yet\n")], "empty.yaml holds no settings"),
+        "--config not UTF-8": (run + ["-c", file("latin.yaml", b"description: caf\xe9\n", binary=True)],
+                               "latin.yaml is not a text file (not UTF-8)"),
+        "--config another suffix": (run + ["-c", file("run.txt", "lr: 0.1\n")], "must be a .json, .yaml or .yml file"),
+        "--config unknown key": (run + ["-c", file("typo.yaml", "epoch: 3\n")],
+                                 "unknown setting(s) ['epoch'] in config file typo.yaml; did you mean 'epochs'?"),
+        "--config wrong type": (run + ["-c", file("typed.yaml", "epochs: three\n")],
+                                "epochs (config file typed.yaml) must be an integer, got 'three'"),
+        "--config a list for a number": (run + ["-c", file("list_lr.yaml", "lr: [0.1]\n")],
+                                         "lr (config file list_lr.yaml) must be a number, got [0.1]"),
+        "--config key twice (YAML)": (run + ["-c", file("twice.yaml", "lr: 0.1\nepochs: 2\nlr: 0.2\n")],
+                                      "key 'lr' is given twice, first on line 1 (line 3, column 1)"),
+        "--config key twice (JSON)": (run + ["-c", file("twice.json", '{"lr": 0.1, "lr": 0.2}')],
+                                      "key 'lr' is given twice"),
+        "--config preset not a name": (run + ["-c", file("label.yaml", "preset: 3\n")],
+                                       "preset (config file label.yaml) must be a preset name or file, got 3"),
+        "--config unknown preset": (run + ["-c", file("nope.yaml", "preset: nope\n")],
+                                    "nope.yaml: unknown preset 'nope'"),
+        "--config and --preset disagree": (run + ["-c", file("other.yaml", "preset: cifar100_inflora\n"), "--preset",
+                                                  "imagenet_r_10"], "--preset imagenet_r_10 and the preset of config "
+                                           "file", "(cifar100_inflora) differ; give the preset once"),
+        "--demo with a config file of another preset": (
+            demo + ["-c", file("other2.yaml", "preset: cifar100_inflora\n")], "--demo runs its own offline preset",
+            "drop preset from"),
+        "--preset a missing .yaml, with --help": (run + ["--preset", str(files / "x.yaml"), "--help"],
+                                                  "preset", "x.yaml: no such file"),
+        "compare --config naming a method": (["compare", "-c", file("method.yaml", "method: naive\n"), *out],
+                                             "names a method (naive), but compare runs the methods of --methods"),
+        "--resume-with-changes with --overwrite": (demo + ["--resume-with-changes", "--overwrite", *out],
+                                                   "--resume-with-changes continues the run in --out and --overwrite"),
+        "--out a symbolic link to a file": (demo + ["--out", str(tmp_path / "to_a_file")], "to_a_file is a file"),
+        "--out a dangling symbolic link": (demo + ["--out", str(tmp_path / "dangling" / "run")],
+                                           "dangling is a symbolic link to", "which does not exist"),
+        "--data-root a file": (folder + ["--data-root", str(tmp_path / "a_file")], "a_file is a file; give the folder"),
+        "--data-root with a generated stream": (run + ["--preset", "synthetic_smoke", "--data-root", str(five), *out],
+                                                "--data-root does nothing for the synthetic stream"),
+        "--domains with CIFAR-100": (run + ["--domains", "real", *out], "--domains does nothing for the "
+                                     "split_cifar100 stream (only domainnet reads it)"),
+        "--test-fraction with CIFAR-100": (run + ["--test-fraction", "0.3", *out],
+                                           "--test-fraction does nothing for the split_cifar100 stream"),
+        "--split-manifest with CIFAR-100": (run + ["--split-manifest", manifest, *out],
+                                            "--split-manifest does nothing for the split_cifar100 stream"),
+        "--split-seed with train/ and val/ folders": (folder + ["--data-root", str(given_split), "--split-seed", "3"],
+                                                      "--split-seed does nothing here", "has train/ and val/"),
+        "--normalize with the digits": (demo + ["--normalize"], "--normalize does nothing for the digits stream"),
+        "--download and --domains with the digits": (
+            demo + ["--download", "--domains", "real"], "these settings do nothing for the digits stream: "
+            "--download (read by split_cifar100); --domains (read by domainnet)"),
+        "--mean without --normalize": (demo + ["--mean", "0.5", "0.5", "0.5"], "--mean only applies with --normalize"),
+        "--gamma without the step schedule": (demo + ["--gamma", "0.5"], "--gamma applies to --lr-schedule step, not "
+                                              "cosine"),
+        "--head-lr with L2P": (demo + ["--method", "l2p", "--head-lr", "0.1"], "--head-lr is not read by l2p"),
+        "--lamb with Sequential LoRA": (demo + ["--method", "seq_lora", "--lamb", "0.9"],
+                                        "--lamb only applies to inflora, inflora_b5, inflora_ca, not seq_lora"),
+    }
+
+
+THIRD_ROUND = ["--config missing", "--config a folder", "--config malformed YAML", "--config malformed JSON",
+               "--config a YAML list", "--config a single value", "--config empty", "--config not UTF-8",
+               "--config another suffix", "--config unknown key", "--config wrong type",
+               "--config a list for a number", "--config key twice (YAML)", "--config key twice (JSON)",
+               "--config preset not a name", "--config unknown preset", "--config and --preset disagree",
+               "--demo with a config file of another preset", "--preset a missing .yaml, with --help",
+               "compare --config naming a method", "--resume-with-changes with --overwrite",
+               "--out a symbolic link to a file", "--out a dangling symbolic link", "--data-root a file",
+               "--data-root with a generated stream", "--domains with CIFAR-100", "--test-fraction with CIFAR-100",
+               "--split-manifest with CIFAR-100", "--split-seed with train/ and val/ folders",
+               "--normalize with the digits", "--download and --domains with the digits",
+               "--mean without --normalize", "--gamma without the step schedule", "--head-lr with L2P",
+               "--lamb with Sequential LoRA"]
+
+
+@pytest.mark.parametrize("case", THIRD_ROUND)
+def test_runner_settings_and_config_files_are_one_line_exit_2_before_anything(case, tmp_path, capsys, monkeypatch):
+    argv, *needles = _third_round_cases(tmp_path)[case]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # a run without --out would write results/... here
+    before = _tree(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    _one_line_error(code, captured.err.strip(), *needles)
+    assert captured.out == ""  # not even --help's text
+    assert _tree(tmp_path) == before  # nothing created, changed or removed
+
+
+def test_stream_settings_are_refused_only_when_they_ask_for_something():
+    """A switch turned off or a value cleared to null asks the stream for nothing (scripts may pass --no-download
+    everywhere); the preset's own values are never refused; the same settings are read where the stream reads them."""
+    assert not cli.config_from_argv(["--demo", "--no-download", "--no-normalize", "--set", "domains=null"])["download"]
+    assert cli.config_from_argv(["--preset", "imagenet_r_10", "--data-root", "x", "--no-download"], "imagenet_r")
+    config = cli.config_from_argv(["--preset", "domainnet_inflora", "--data-root", "x", "--domains", "real",
+                                   "--normalize", "--mean", "0.5", "0.5", "0.5"], "domainnet")
+    assert (config["domains"], config["normalize"], config["mean"]) == (["real"], True, [0.5, 0.5, 0.5])
+    with pytest.raises(C.ConfigError, match="--domains does nothing for the imagenet_r stream"):
+        cli.config_from_argv(["--preset", "imagenet_r_10", "--data-root", "x", "--domains", "real"], "imagenet_r")
 
 
 # --------------------------------------------------------------------------------------------------- divergence

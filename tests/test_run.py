@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inflora_avalanche import streams as S
 from inflora_avalanche.methods import get_method
 from inflora_avalanche.run import build, cli
 from inflora_avalanche.run import config as C
@@ -32,7 +33,9 @@ def test_every_preset_and_method_validates():
     assert set(P.list_method_presets()) == {"inflora", "inflora_b5", "inflora_ca", "seq_lora", "linear_probe", "naive",
                                             "ewc", "lwf", "l2p", "joint", "sd_lora"}
     for name in presets:
-        config = P.layered_config(name, None, {"data_root": P.load_preset(name).get("data_root") or "images"})
+        stream = S.get_stream(P.load_preset(name).get("benchmark", C.DEFAULTS["benchmark"]))
+        root = {} if stream.data_root == "unused" else {"data_root": P.load_preset(name).get("data_root") or "images"}
+        config = P.layered_config(name, None, root)
         assert config["preset"] == name and config["method"] == P.load_preset(name).get("method", "inflora")
         assert get_method(config["method"])
     for method in P.list_method_presets():
@@ -250,6 +253,8 @@ def test_demo_runs_offline_and_writes_results(tmp_path):
                  "seed0/metrics.json", "seed0/log.txt", "seed0/csv/eval_results.csv"):
         assert (out / name).is_file(), name
     assert any((out / "seed0" / "tensorboard").iterdir())
+    # the resolved config as YAML: --config reads it back to the same settings
+    assert cli.config_from_argv(["--config", str(out / "config.yaml")]) == json.loads((out / "config.json").read_text())
     results = json.loads((out / "results.json").read_text())
     run = results["seeds"][0]
     assert results["demo"] is True and len(run["A_t"]) == 5
@@ -455,7 +460,8 @@ def test_method_settings_are_declared_by_the_methods():
     assert not {f.name for f in C.COMMON_FIELDS} & own
     assert {f.name for f in REGISTRY["inflora"].fields} >= {"rank", "lamb", "target_modules", "qkv_rows"}
     assert setting_owners("qkv_rows") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora", "sd_lora"]
-    assert setting_owners("lamb") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
+    assert setting_owners("lamb") == ["inflora", "inflora_b5", "inflora_ca"]  # seq_lora keeps no subspace memory
+    assert setting_owners("reset_final_norm") == ["inflora", "inflora_b5", "inflora_ca", "seq_lora"]
     assert setting_owners("reset_magnitudes") == ["sd_lora"]
     assert setting_owners("ewc_lambda") == ["ewc"] and setting_owners("lr") is None  # lr: common
     assert all(f.group == "method" for m in REGISTRY.values() for f in m.fields)  # a preset's apply to its method

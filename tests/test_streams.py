@@ -268,7 +268,8 @@ def test_every_registered_stream_builds_or_is_refused_consistently(tmp_path):
             assert set(stream.script.also_accepts) <= set(S.REGISTRY)
         empty = tmp_path / name
         empty.mkdir()
-        assert trained_data_config(_stream_config(name, data_root=str(empty)))["crop_pct"] == stream.crop_pct
+        root = {} if stream.data_root == "unused" else {"data_root": str(empty)}  # refused where it is not read
+        assert trained_data_config(_stream_config(name, **root))["crop_pct"] == stream.crop_pct
         if stream.data_root == "required":
             with pytest.raises(ConfigError, match=f"the {name} stream needs --data-root"):
                 _stream_config(name)
@@ -285,7 +286,7 @@ def test_every_registered_stream_builds_or_is_refused_consistently(tmp_path):
                 assert info.num_classes == stream.num_classes
         if stream.num_classes is not None:
             with pytest.raises(ConfigError, match=f"the {stream.num_classes} classes of {name} cannot be split"):
-                _stream_config(name, n_experiences=7, data_root=str(empty))
+                _stream_config(name, n_experiences=7, **root)
 
 
 def test_a_new_registry_entry_is_a_stream_everywhere(monkeypatch, tmp_path):

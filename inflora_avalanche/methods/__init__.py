@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from .settings import (EWC_SETTINGS, FINETUNE, INFLORA, L2P_SETTINGS, LOW_RANK, LWF_SETTINGS, OPTIMISER, SDLORA,
-                       Settings)
+                       SUBSPACE_MEMORY, Settings)
 
 # ------------------------------------------------------------------------------------------------- capabilities
 RESUME = "resume"  # its strategy's state goes into the checkpoint after every experience: --resume continues exactly
@@ -82,14 +82,15 @@ def _function(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), function)
 
 
-_INFLORA_SETTINGS = (LOW_RANK, INFLORA, OPTIMISER)
+_INFLORA_SETTINGS = (LOW_RANK, INFLORA, SUBSPACE_MEMORY, OPTIMISER)
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
         Method("inflora", "inflora:build_model", "inflora:inflora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
         Method("inflora_b5", "inflora:build_model", "inflora:inflora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
         Method("inflora_ca", "inflora:build_model", "inflora:inflora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
-        Method("seq_lora", "inflora:build_model", "inflora:seq_lora_strategy", INFLORA_FAMILY, _INFLORA_SETTINGS),
+        Method("seq_lora", "inflora:build_model", "inflora:seq_lora_strategy", INFLORA_FAMILY,
+               (LOW_RANK, INFLORA, OPTIMISER)),
         Method("sd_lora", "sdlora:build_model", "sdlora:sd_lora_strategy", frozenset({RESUME, EXPORT, TORCHRUN,
                SCHEDULES}), (LOW_RANK, SDLORA, OPTIMISER)),
         Method("linear_probe", "finetune:frozen_head_model", "finetune:naive_strategy"),

@@ -15,11 +15,13 @@ from ..schema import ConfigError, Field, names
 
 @dataclass(frozen=True)
 class Settings:
-    """A group of method settings: shown as one section of ``--help``; ``check(config)`` runs once per validation."""
+    """A group of method settings: shown as one section of ``--help``; ``check(config)`` runs once per validation.
+    ``unread``: common settings that the methods of this group do not read (refused when given, not ignored)."""
 
     title: str
     fields: tuple[Field, ...]
     check: Optional[Callable[[dict], None]] = None
+    unread: tuple[str, ...] = ()
 
 
 def _m(name: str, kind: str, default, help: str, **kwargs) -> Field:
@@ -75,11 +77,15 @@ LOW_RANK = Settings("low-rank branches", (
 INFLORA = Settings("InfLoRA", (
     _m("reset_final_norm", "bool", False, "replace the backbone's final LayerNorm by a fresh one (InfLoRA+CA)",
        resume="identity"),
+    _m("classifier_alignment", "json", None, "InfLoRA+CA: ClassifierAlignmentPlugin settings (JSON object; {} = its "
+       "defaults)", nullable=True, resume="identity"),
+))
+
+# Not Sequential LoRA's: its random subspaces keep no memory.
+SUBSPACE_MEMORY = Settings("InfLoRA subspace memory", (
     _m("lamb", "float", 0.95, "threshold of the first task (eps_t = lamb + (lame - lamb) t / T)", resume="identity"),
     _m("lame", "float", 1.0, "threshold of the last task", resume="identity"),
     _m("memory", "choice", "dualgpm", "subspace memory", choices=("dualgpm", "gpm"), resume="identity"),
-    _m("classifier_alignment", "json", None, "InfLoRA+CA: ClassifierAlignmentPlugin settings (JSON object; {} = its "
-       "defaults)", nullable=True, resume="identity"),
 ), check=check_inflora)
 
 SDLORA = Settings("SD-LoRA", (
@@ -118,7 +124,7 @@ L2P_SETTINGS = Settings("L2P", (
     _m("l2p_prompt_length", "int", 5, "tokens per prompt", minimum=1, resume="identity"),
     _m("l2p_top_k", "int", 5, "prompts selected per image", minimum=1, resume="identity"),
     _m("l2p_sim_coefficient", "float", 0.1, "weight of the key-matching loss", minimum=0),
-))
+), unread=("head_lr",))  # the prompts, keys and head train at --lr
 
 
 def check_plain_training(config: dict) -> None:

@@ -14,8 +14,8 @@ from .. import streams as S
 from . import config as C
 from . import presets as P
 from .interrupts import NOTHING_WRITTEN, interrupts_not_lost
-from .options import (PROG, Parser, ScriptHelpFormatter, add_field_flags, check_launch, fail,  # noqa: F401
-                      first_pass, help_defaults, overrides_from)
+from .options import (PROG, Parser, ScriptHelpFormatter, add_config_flag, add_field_flags,  # noqa: F401
+                      check_launch, config_file_values, fail, first_pass, help_defaults, overrides_from)
 
 DEFAULT_PRESET = "cifar100_inflora"  # of `run`; an experiment script's is its stream's (streams.Script)
 
@@ -31,15 +31,17 @@ def run_parser(benchmark: Optional[str], defaults: dict, prog: str) -> Parser:
     preset = default_preset(benchmark)
     parser = Parser(
         prog=prog,
-        usage="%(prog)s [--preset NAME|FILE] [--method NAME] [--KEY VALUE ...] [--set KEY=VALUE ...]",
+        usage="%(prog)s [--preset NAME|FILE] [--config FILE] [--method NAME] [--KEY VALUE ...] [--set KEY=VALUE ...]",
         description=(
             "Train one method on a class-incremental stream, experience by experience, for every seed; evaluate on "
             "all seen classes after each; write results.json, summary.txt and plots to --out. A preset (shipped name "
-            "or .json file) sets the defaults shown below; any flag overrides it. The last section lists the "
+            "or .json/.yaml file) and a --config file set the defaults shown below; any flag overrides them. The last "
+            "section lists the "
             "settings of the chosen method (--method, else the preset's); `--method NAME --help` shows another's."),
     )
     parser.add_argument("--preset", default=preset,
-                        help=f"preset name or .json file (default: {preset}; list them with `{PROG} presets`)")
+                        help=f"preset name or .json/.yaml file (default: {preset}; list them with `{PROG} presets`)")
+    add_config_flag(parser)
     parser.add_argument("--list-presets", action="store_true", help="print the presets and methods, then exit")
     add_field_flags(parser, defaults, method=defaults.get("method"))
     return parser
@@ -47,13 +49,23 @@ def run_parser(benchmark: Optional[str], defaults: dict, prog: str) -> Parser:
 
 def config_from_argv(argv: Sequence[str], benchmark: Optional[str] = None, prog: str = f"{PROG} run") -> dict:
     """Parse ``argv`` into a validated config (no heavy import); ``--help`` prints and exits."""
+    return parse_run(argv, benchmark, prog)[0]
+
+
+def parse_run(argv: Sequence[str], benchmark: Optional[str] = None, prog: str = f"{PROG} run") -> tuple[dict, str]:
+    """:func:`config_from_argv`, and the preset to name in the run's written ``config.yaml`` (a shipped preset's
+    name, or the absolute path of a preset file)."""
     script_stream = S.script_stream(benchmark)
     first = first_pass(argv, default_preset(benchmark))
-    preset = first.preset or default_preset(benchmark)
-    if first.demo:
+    file_values = config_file_values(first)
+    file_preset = file_values.get("preset")
+    # `demo: true` in a file is the --demo switch only without another preset (a copy of the demo preset has it too)
+    demo = first.demo or (file_values.get("demo") is True and file_preset in (None, P.DEMO_PRESET))
+    preset = first.preset or file_preset or default_preset(benchmark)
+    if demo:
         preset = P.DEMO_PRESET
     preset = P.resolve_preset_name(preset, script_stream.script.preset_prefix if script_stream else "")
-    defaults = help_defaults(preset, first.method)
+    defaults = help_defaults(preset, first.method, file_values)
     if first.method:
         defaults["method"] = first.method  # the section --help shows, also for a preset it cannot read
     parser = run_parser(benchmark, defaults, prog)
@@ -62,20 +74,24 @@ def config_from_argv(argv: Sequence[str], benchmark: Optional[str] = None, prog:
         print_presets()
         raise SystemExit(0)
     overrides = overrides_from(args)
-    if first.demo:
-        conflicts = [flag for flag, given in (("--preset", first.preset), ("--data-root", "data_root" in overrides),
-                                              ("--benchmark", "benchmark" in overrides)) if given]
+    given = P.given_keys(preset, first.method, overrides, file_values)
+    if demo:
+        conflicts = [flag for flag, named in (("--preset", first.preset),
+                                              (f"preset from {first.config}", file_preset not in (None, P.DEMO_PRESET)),
+                                              ("--data-root", "data_root" in given),
+                                              ("--benchmark", "benchmark" in given)) if named]
         if conflicts:
             raise C.ConfigError(f"--demo runs its own offline preset ({P.DEMO_PRESET}); drop {', '.join(conflicts)}")
-    config = P.layered_config(preset, first.method, overrides)
-    C.check_method_settings(config, set(overrides))
+    config = P.layered_config(preset, first.method, overrides, file_values)
+    C.check_method_settings(config, given)
     if script_stream is not None:
         accepted = {script_stream.name, *script_stream.script.also_accepts}
         if config["benchmark"] not in accepted:
             script = S.script_of(config["benchmark"])
             raise C.ConfigError(f"preset {config['preset']!r} is a {config['benchmark']} preset; run it with "
                                 f"experiments/{script.file if script else 'run_imagenet_r.py'} or `{PROG} run`")
-    return config
+    source = preset if P.is_shipped_preset(preset) else str(P.preset_path(preset).resolve())
+    return config, source
 
 
 def run_main(argv: Optional[Sequence[str]] = None, benchmark: Optional[str] = None, prog: str = f"{PROG} run") -> int:
@@ -101,8 +117,11 @@ def _run(argv: list, benchmark: Optional[str], prog: str) -> int:
 
 def _run_checked(argv: list, benchmark: Optional[str], prog: str) -> int:
     try:
-        config = config_from_argv(argv, benchmark, prog)
+        config, preset_source = parse_run(argv, benchmark, prog)
         check_launch(config)
+        from .preflight import check_before_heavy_imports
+
+        check_before_heavy_imports(config)
     except C.ConfigError as err:
         fail(str(err))
     from .loop import run_experiment
@@ -113,7 +132,7 @@ def _run_checked(argv: list, benchmark: Optional[str], prog: str) -> int:
     group = False
     try:
         group = init_distributed(config)
-        run_experiment(config)
+        run_experiment(config, preset_source=preset_source)
     except errors as err:
         fail(one_line(err))
     except NonFiniteLossError as err:

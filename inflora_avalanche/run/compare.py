@@ -23,7 +23,9 @@ from typing import Any, Iterable, Optional, Sequence
 from ..results import average_forgetting, mean_std
 from . import config as C
 from . import presets as P
-from .options import PROG, Parser, add_field_flags, check_launch, fail, first_pass, help_defaults, overrides_from
+from .preflight import check_resume_checkpoint
+from .options import (PROG, Parser, add_config_flag, add_field_flags, check_launch, config_file_values, fail,
+                      first_pass, help_defaults, overrides_from)
 
 METRICS = ("A_last", "A_avg", "forgetting", "trainable_params", "train_time_s", "peak_memory_mb")
 METRIC_HEADERS = {
@@ -135,6 +137,7 @@ def compare_parser(defaults: dict) -> Parser:
                         help=f"methods to run, in table order (default: all: {' '.join(P.list_method_presets())})")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"preset giving the stream, backbone and budget (default: {DEFAULT_PRESET})")
+    add_config_flag(parser)
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                         help="run every method in a fresh process (default: on)")
     add_field_flags(parser, defaults, skip=("method",))
@@ -144,22 +147,27 @@ def compare_parser(defaults: dict) -> Parser:
 def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
     """Parse ``compare``'s arguments; one validated config per method, each writing into ``OUT/<method>``."""
     first = first_pass(argv, DEFAULT_PRESET)
-    preset = first.preset or DEFAULT_PRESET
-    args = compare_parser(help_defaults(preset, None)).parse_args(list(argv))
+    file_values = config_file_values(first)
+    if "method" in file_values:
+        raise C.ConfigError(f"config file {first.config} names a method ({file_values['method']}), but compare runs "
+                            "the methods of --methods: drop method from the file")
+    preset = first.preset or file_values.get("preset") or DEFAULT_PRESET
+    args = compare_parser(help_defaults(preset, None, file_values)).parse_args(list(argv))
     overrides = overrides_from(args)
-    if "out" not in overrides or not overrides["out"]:
+    out = overrides.get("out") or file_values.get("out")
+    if not out:
         raise C.ConfigError("compare needs --out: the folder for every method's run and the table")
     unknown = [m for m in args.methods if m not in P.list_method_presets()]
     if unknown or not args.methods:
         raise C.ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(P.list_method_presets())}")
     if len(set(args.methods)) != len(args.methods):
         raise C.ConfigError(f"--methods names a method twice: {args.methods}")
-    if "demo" in overrides:
+    if "demo" in overrides or file_values.get("demo"):
         raise C.ConfigError("compare runs a preset's stream (default synthetic_smoke, offline); --demo is for run")
-    out = Path(overrides["out"]).expanduser()
+    out = Path(out).expanduser()
     configs = {}
     for method in args.methods:
-        configs[method] = P.layered_config(preset, method, {**overrides, "out": str(out / method)})
+        configs[method] = P.layered_config(preset, method, {**overrides, "out": str(out / method)}, file_values)
     return args, configs
 
 
@@ -199,6 +207,8 @@ def compare_main(argv: Sequence[str]) -> int:
         args, configs = method_configs(argv)
         for config in configs.values():
             check_launch(config)
+            # before any method runs: a --resume that one of them would refuse must not rewrite the table
+            check_resume_checkpoint(config, Path(config["out"]).expanduser())
     except C.ConfigError as err:
         fail(str(err))
     first = next(iter(configs.values()))

@@ -105,6 +105,9 @@ COMMON_FIELDS: tuple[Field, ...] = (
     _F("overwrite", "bool", False, "allow writing into an existing non-empty --out folder", resume="free"),
     _F("resume", "bool", False, "continue the run in --out from its checkpoint (written after every experience)",
        resume="free"),
+    _F("resume_with_changes", "bool", False, "--resume also when training settings (lr, epochs, ...) differ from "
+       "the checkpoint's: later experiences train with the new ones, and results.json records per experience which "
+       "were used", resume="free"),
     _F("export", "path", None, "after every experience, write the merged model as a timm folder "
        "DIR/seed<N>/after_exp<t>/ (model.safetensors + config.json; methods: " + ", ".join(methods_with(EXPORT)) + ")",
        nullable=True, resume="free"),
@@ -199,6 +202,10 @@ def validate_config(config: dict) -> dict:
     counted = known if known is not None else c["classes"] if _is_int(c["classes"]) else len(c["classes"] or [])
     if counted and not c["split_manifest"]:  # a manifest fixes the classes: checked once the stream is built
         check_one_class_experiences(c, counted)
+    _check(not (c["resume_with_changes"] and c["overwrite"]), "--resume-with-changes continues the run in --out and "
+           "--overwrite starts it anew; pass only one of them")
+    if c["resume_with_changes"]:
+        c["resume"] = True
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
     _check(not (c["device_augment"] and not stream.device_augment),
@@ -256,7 +263,8 @@ CONFLICTS: tuple = (
 
 
 def check_conflicts(config: dict, explicit: set) -> None:
-    """Refuse settings given on the command line that another setting there makes meaningless (one line each)."""
+    """Refuse settings the user gave (``explicit``: flags, keys of a config file) that another setting makes
+    meaningless or the stream does not read (one line each)."""
     for key, others, why in CONFLICTS:
         clash = sorted(k for k in others if k in explicit)
         if config.get(key) and key in explicit and clash:
@@ -264,10 +272,55 @@ def check_conflicts(config: dict, explicit: set) -> None:
             raise ConfigError(f"{FIELD_BY_NAME[key].flag} and {flags} were both given, but {why}: drop {flags}")
     if "milestones" in explicit and config["lr_schedule"] != "step":
         raise ConfigError(f"--milestones apply to --lr-schedule step, not {config['lr_schedule']}: drop one of them")
+    if "gamma" in explicit and config["lr_schedule"] != "step":
+        raise ConfigError(f"--gamma applies to --lr-schedule step, not {config['lr_schedule']}: drop one of them")
+    statistics = [f"--{k}" for k in ("mean", "std") if k in explicit]
+    if statistics and not config["normalize"]:
+        flags, verb = " and ".join(statistics), "applies" if len(statistics) == 1 else "apply"
+        raise ConfigError(f"{flags} only {verb} with --normalize (pixels are fed as they are without it): add "
+                          f"--normalize or drop {flags}")
+    check_stream_settings(config, explicit)
     if "momentum" in explicit and config["optimizer"] != "sgd":
         raise ConfigError(f"--momentum applies to --optimizer sgd, not {config['optimizer']}: drop one of them")
     if "betas" in explicit and config["optimizer"] != "adam":
         raise ConfigError(f"--betas apply to --optimizer adam, not {config['optimizer']}: drop one of them")
+
+
+def _readers(key: str) -> list[str]:
+    """The streams that read the stream setting ``key``."""
+    if key == "data_root":
+        return S.streams_where(lambda s: s.data_root != "unused")
+    if key in ("split_seed", "test_fraction", "split_manifest"):
+        return S.streams_where(lambda s: s.split_manifest)
+    return S.streams_where(lambda s: key in s.reads)
+
+
+STREAM_READ_KEYS = ("data_root", "download", "domains", "normalize", "mean", "std", "split_seed", "test_fraction",
+                    "split_manifest")
+TEST_FOLDERS = ("val", "test")  # as streams.folder.detect_layout (not imported: it needs torch)
+
+
+def check_stream_settings(config: dict, explicit: set) -> None:
+    """Stream settings given by the user (flags, a config file) that the chosen stream does not read are refused in
+    one line, rather than ignored: a data folder for a generated stream, DomainNet's domains elsewhere, a split seed
+    where the split is fixed, ..."""
+    stream = S.get_stream(config["benchmark"])
+    unread = [k for k in STREAM_READ_KEYS  # null, or a switch turned off (--no-download), asks for nothing
+              if k in explicit and config[k] not in (None, False) and config["benchmark"] not in _readers(k)]
+    if len(unread) == 1:
+        key = unread[0]
+        readers = _readers(key)
+        raise ConfigError(f"{FIELD_BY_NAME[key].flag} does nothing for the {stream.name} stream (only "
+                          f"{names(readers)} read{'s' if len(readers) == 1 else ''} it): drop it")
+    if unread:
+        each = "; ".join(f"{FIELD_BY_NAME[k].flag} (read by {names(_readers(k))})" for k in unread)
+        raise ConfigError(f"these settings do nothing for the {stream.name} stream: {each}: drop them")
+    given = [k for k in ("split_seed", "test_fraction") if k in explicit]
+    root = Path(config["data_root"]).expanduser() if config["data_root"] else None
+    if given and root is not None and (root / "train").is_dir() and any((root / t).is_dir() for t in TEST_FOLDERS):
+        flags = " and ".join(FIELD_BY_NAME[k].flag for k in given)
+        raise ConfigError(f"{flags} do{'es' if len(given) == 1 else ''} nothing here: {root} has train/ and val/ "
+                          f"folders, used as they are (no seeded split): drop {flags}")
 
 
 def check_method_settings(config: dict, explicit: set) -> None:
@@ -286,6 +339,10 @@ def check_method_settings(config: dict, explicit: set) -> None:
             foreign.setdefault(", ".join(owners), []).append(FIELD_BY_NAME[key].flag)
     if "diagnostics" in explicit and config["diagnostics"] and not method.has(DIAGNOSTICS):
         foreign.setdefault(", ".join(methods_with(DIAGNOSTICS)), []).append("--diagnostics")
+    unread = [FIELD_BY_NAME[k].flag for group in method.settings for k in group.unread if k in explicit]
+    if unread:
+        raise ConfigError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by {method.name}: drop "
+                          f"{'it' if len(unread) == 1 else 'them'}")
     if len(foreign) == 1:
         (owners, flags), = foreign.items()
         raise ConfigError(f"{', '.join(flags)} only appl{'ies' if len(flags) == 1 else 'y'} to {owners}, not "

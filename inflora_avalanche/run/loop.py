@@ -18,20 +18,22 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .. import distributed as ddp
+from ..io import atomic_write_text
 from ..checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..methods import DIAGNOSTICS, JOINT, get_method
 from ..backbone import WeightsUnavailableError
 from ..results import aggregate, format_summary, joint_result, seed_result
 from ..streams import StreamInfo
 from . import build as B
-from .config import DEFAULTS, RESUME_FREE_KEYS, validate_config
+from .config import validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
 from .output import (OutputLock, check_export_dir, discard_new_entries, export_experience, make_folders,
                      missing_folders, prepare_output_dir, remove_empty_folders, write_json, write_results)
 from .parallel import on_all, on_main, user_errors
 from ..strategy_state import load_strategy_state, strategy_state
-from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume
+from .settings_file import config_file_text
+from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume, with_schema_defaults
 
 DEMO_BANNER = (
     "DEMO: scikit-learn's 8x8 digits (10 classes) on a tiny random-init ViT, on the CPU. It runs the "
@@ -172,10 +174,33 @@ def run_seed(
     return result
 
 
-def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], runtime_s: float) -> dict:
-    """The content of ``results.json``."""
+def settings_by_experience(changes: list[dict], config: dict, seed_index: int, experiences: int) -> dict:
+    """``{key: [the value experience 1, 2, ... of seed number seed_index trained with]}`` for every setting a resume
+    with ``--resume-with-changes`` changed; ``changes``: the checkpoint's record, oldest first, each
+    ``{"seed_index", "experiences_done", "changed": {key: [before, after]}}``."""
+    values: dict[str, list] = {}
+    for key in sorted({k for change in changes for k in change["changed"]}):
+        column = []
+        for t in range(experiences):
+            # the first change made after this experience was trained holds the value it was trained with
+            later = [c for c in changes if key in c["changed"]
+                     and (seed_index, t) < (c["seed_index"], c["experiences_done"])]
+            column.append(later[0]["changed"][key][0] if later else config[key])
+        values[key] = column
+    return values
+
+
+def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], runtime_s: float,
+                     changes: Optional[list] = None) -> dict:
+    """The content of ``results.json``. ``changes``: the settings changed on resume (``settings_changes``); then
+    every seed's entry says which values each experience was trained with (``settings_by_experience``), since
+    ``config`` holds only the latest."""
     from .presets import method_label
 
+    if changes:
+        seed_results = [{**result, "settings_by_experience": settings_by_experience(
+            changes, config, index, len(result["accuracy_matrix"]))} for index, result in enumerate(seed_results)]
+    extra = {"settings_changes": changes} if changes else {}
     return {
         "preset": config.get("preset"),
         "method": config["method"],
@@ -190,6 +215,7 @@ def assemble_results(config: dict, info: StreamInfo, seed_results: list[dict], r
         "device": B.resolve_device(config),
         "torch_threads": torch.get_num_threads(),
         "world_size": ddp.world_size(),
+        **extra,
     }
 
 
@@ -211,12 +237,14 @@ def run_experiment(
     extra_plugins: Callable[[int], Iterable[Any]] = lambda seed: (),
     on_experience_end: Optional[Callable[[int, int, Any, dict], None]] = None,
     log: Callable[[str], None] = print,
+    preset_source: Optional[str] = None,
 ) -> dict:
     """Run every seed of ``config`` and write the results; returns the content of ``results.json``.
 
     ``extra_plugins(seed)`` gives additional plugins for a seed's strategy; ``on_experience_end(seed, t, strategy,
     partial)`` runs after each experience. After every experience the run's state goes to ``<out>/checkpoint.safetensors``
     (atomically); with ``resume`` the run continues from it. Under ``torch.distributed`` only rank 0 logs and writes.
+    ``preset_source``: the preset its written ``config.yaml`` names (default: ``config["preset"]``).
     """
     validate_config(config)
     main_process = ddp.is_main_process()
@@ -248,7 +276,7 @@ def run_experiment(
         bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
         on_main(lambda: B.check_stream(config, info))
         return _run_seeds({**config, "out": str(out_dir)}, bench, info, out_dir, has_checkpoint, extra_plugins,
-                          on_experience_end, log)
+                          on_experience_end, log, preset_source or config.get("preset"))
     except BaseException as err:
         # Stopped by the user or by a user error before the first checkpoint: nothing can be resumed, so what the
         # run wrote is taken back (the split manifest, config.json, logs of a partial experience) and --out is as
@@ -278,7 +306,7 @@ def run_experiment(
 
 def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_checkpoint: bool,
                extra_plugins: Callable[[int], Iterable[Any]], on_experience_end: Optional[Callable],
-               log: Callable[[str], None]) -> dict:
+               log: Callable[[str], None], preset_source: Optional[str] = None) -> dict:
     """Every seed of ``config`` in ``out_dir`` (locked), from the checkpoint on with ``resume``."""
     main_process = ddp.is_main_process()
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -286,20 +314,27 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
     if config["resume"] and has_checkpoint:
         checkpoint = on_all(lambda: load_checkpoint(ckpt_path))
         # a setting added to the schema after the checkpoint was written ran with its default then
-        checkpoint["config"] = {**{k: v for k, v in DEFAULTS.items() if k not in RESUME_FREE_KEYS},
-                                **checkpoint["config"]}
+        checkpoint["config"] = with_schema_defaults(checkpoint["config"])
         changed = on_all(lambda: check_resume(config, info, checkpoint, ckpt_path))
         log(f"resuming from {ckpt_path}: seed {checkpoint['seed']}, {checkpoint['experiences_done']} of "
             f"{info.n_experiences} experiences done")
-        if changed:
-            log("resuming with changed settings (results after the checkpoint differ from an uninterrupted run): "
+        changes = list(checkpoint.get("settings_changes") or [])
+        if changed:  # --resume-with-changes
+            changes.append({"seed_index": checkpoint["seed_index"], "seed": checkpoint["seed"],
+                            "experiences_done": checkpoint["experiences_done"],
+                            "changed": {k: [a, b] for k, (a, b) in changed.items()}})
+            log("resuming with changed settings (results.json records which experiences used which): "
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     elif config["resume"]:
         log(f"--resume: no checkpoint in {out_dir}; starting from the first experience")
+    if checkpoint is None:
+        changes = []
     if main_process:
         if checkpoint is None and ckpt_path.exists():
             ckpt_path.unlink()  # --overwrite: a stale checkpoint must not be resumed later
-        write_json(out_dir / ("config.json" if checkpoint is None else "config_resumed.json"), config)
+        name = "config" if checkpoint is None else "config_resumed"
+        write_json(out_dir / f"{name}.json", config)
+        atomic_write_text(out_dir / f"{name}.yaml", config_file_text(config, preset_source or config["preset"]))
     log(f"{config['method']} on {info.name}: {info.num_classes} classes, {info.n_experiences} experiences, "
         f"{info.train_size} train / {info.test_size} test images; seeds {config['seeds']}; device "
         f"{B.resolve_device(config)}; {ddp.world_size()} process(es); results in {out_dir}")
@@ -316,7 +351,7 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
             resume_state = checkpoint
             if checkpoint["experiences_done"] >= steps:
                 seed_results.append(checkpoint["result"])
-                results = assemble_results(config, info, seed_results, previous_runtime)
+                results = assemble_results(config, info, seed_results, previous_runtime, changes)
                 if main_process:
                     write_results(results, out_dir)
                 continue
@@ -329,7 +364,7 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
                     "seed_index": _index, "seed": _seed, "experiences_done": t + 1, "completed": seed_results,
                     "result": partial, "strategy": strategy_state(strategy), "rng": rng_state(),
                     "fingerprint": strategy.backbone_fingerprint,
-                    "runtime_s": previous_runtime + time.perf_counter() - started,
+                    "runtime_s": previous_runtime + time.perf_counter() - started, "settings_changes": changes,
                 })
             if main_process and config["export"]:
                 export_experience(config, info, strategy, _seed, t)
@@ -345,7 +380,8 @@ def _run_seeds(config: dict, bench: Any, info: StreamInfo, out_dir: Path, has_ch
                     else "no experience had finished, so there is no checkpoint")
             raise NonFiniteLossError(f"{err}; {kept}") from None
         seed_results.append(result)
-        results = assemble_results(config, info, seed_results, previous_runtime + time.perf_counter() - started)
+        results = assemble_results(config, info, seed_results, previous_runtime + time.perf_counter() - started,
+                                   changes)
         if main_process:
             write_results(results, out_dir)
     log("")

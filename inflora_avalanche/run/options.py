@@ -140,18 +140,45 @@ def add_field_flags(parser: argparse.ArgumentParser, defaults: dict, skip: Seque
 
 
 def first_pass(argv: Sequence[str], default_preset: str) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default=None)
+    pre.add_argument("--config", "-c", default=None)
     pre.add_argument("--method", default=None)
     pre.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False)
     known, _ = pre.parse_known_args(list(argv))
     return known
 
 
-def help_defaults(preset: str, method: Optional[str]) -> dict:
-    """The settings a run of ``preset`` would have without flags (for ``--help``); schema defaults if unreadable."""
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", default=None,
+                        help="a YAML or JSON file of settings (keys as the flags, with underscores; `preset:` picks "
+                             "the preset they are laid over); flags given here override it. A run writes its own "
+                             "as <out>/config.yaml")
+
+
+def config_file_values(first: argparse.Namespace) -> dict:
+    """The settings of ``--config FILE`` (``{}`` without), with ``--preset`` checked against the file's ``preset``."""
+    if not first.config:
+        return {}
+    values = P.load_config_file(first.config)
+    if "preset" in values:
+        try:
+            P.load_preset(values["preset"])
+        except C.ConfigError as err:
+            raise C.ConfigError(f"config file {first.config}: {err}") from None
+    if first.preset and "preset" in values and values["preset"] != first.preset:
+        raise C.ConfigError(f"--preset {first.preset} and the preset of config file {first.config} "
+                            f"({values['preset']}) differ; give the preset once")
+    return values
+
+
+def help_defaults(preset: str, method: Optional[str], file_values: Optional[dict] = None) -> dict:
+    """The settings a run of ``preset`` (and ``--config`` values) would have without flags, for ``--help``. A preset
+    that cannot be read is an error, also with ``--help``; an unknown method shows the schema defaults (the error
+    comes after parsing)."""
+    P.load_preset(preset)
     try:
-        return P.merge_layers(preset, method)
+        return P.merge_layers(preset, method, file_values=file_values)
     except C.ConfigError:
         return dict(C.DEFAULTS)
 

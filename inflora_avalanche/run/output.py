@@ -38,6 +38,10 @@ def _check_writable(base: Path, flag: str) -> None:
 
 
 def _check_folder(path: Path, flag: str) -> None:
+    for part in (path, *path.parents):  # a link to nothing would fail only once the run creates the folder
+        if part.is_symlink() and not part.exists():
+            raise ConfigError(f"{flag} {path}: {part} is a symbolic link to {os.readlink(part)}, which does not exist; "
+                              f"create that folder or choose another {flag}")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file; give a folder")
     base = _nearest_existing(path.absolute())
@@ -317,11 +321,21 @@ def remove_empty_folders(folders: list[Path]) -> None:
             return
 
 
+def changes_note(results: dict) -> str:
+    """For ``summary.txt``: the settings a ``--resume-with-changes`` changed, and from where (not an uninterrupted
+    run's results)."""
+    lines = [f"- seed {c['seed']} from experience {c['experiences_done'] + 1}: "
+             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in c["changed"].items())
+             for c in results.get("settings_changes") or []]
+    return ("\nSettings changed on resume (per experience in results.json, settings_by_experience):\n"
+            + "\n".join(lines) + "\n") if lines else ""
+
+
 def write_results(results: dict, out_dir: Path) -> None:
     """``results.json``, ``summary.txt``, ``accuracy_curve.png`` and ``accuracy_matrix.png`` in ``out_dir``."""
     from ..results import format_summary, plot_accuracy_curve, plot_accuracy_matrix
 
     write_json(out_dir / "results.json", results)
-    (out_dir / "summary.txt").write_text(format_summary(results))
+    (out_dir / "summary.txt").write_text(format_summary(results) + changes_note(results))
     plot_accuracy_curve(results, out_dir / "accuracy_curve.png")
     plot_accuracy_matrix(results, out_dir / "accuracy_matrix.png")

@@ -1,7 +1,7 @@
 """Presets: the shipped experiment presets (``presets/<name>.json``), each method's own hyper-parameters
 (``presets/methods/<method>.json``), and the layering that makes a config of them:
 
-    schema defaults < the method's preset < the preset < command-line flags
+    schema defaults < the method's preset < the preset < a --config file < command-line flags
 
 Method hyper-parameters (``group="method"``) of a preset apply only to the method that preset names: running a
 preset with another ``--method`` (or inside ``compare``) takes that method's own values instead. Torch-free.
@@ -16,6 +16,7 @@ from typing import Optional
 
 from ..methods import setting_owners
 from .config import DEFAULTS, METHOD_KEYS, ConfigError, check_conflicts, check_values, validate_config
+from .settings_file import SUFFIXES, read_settings_file
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 METHOD_PRESET_DIR = PRESET_DIR / "methods"
@@ -31,18 +32,6 @@ def list_method_presets() -> list[str]:
     return sorted(p.stem for p in METHOD_PRESET_DIR.glob("*.json"))
 
 
-def _read_json_object(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise ConfigError(f"{what} {path} is not valid JSON: {err}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must hold a JSON object")
-    return data
-
-
 def resolve_preset_name(name: str, prefix: str = "") -> str:
     """A shipped preset's name, also when given without the script's prefix (``inflora_ca`` -> ``cifar100_...``)."""
     names = list_presets()
@@ -51,17 +40,46 @@ def resolve_preset_name(name: str, prefix: str = "") -> str:
     return name
 
 
-def load_preset(name_or_path: str) -> dict:
-    """A preset by name (shipped with the package) or by the path of a JSON file; checked key by key."""
+def preset_path(name_or_path: str) -> Path:
+    """The file of a preset: a shipped name, or a path (a ``.json``, ``.yaml`` or ``.yml`` suffix, or a folder in
+    it)."""
     path = Path(name_or_path).expanduser()
-    if path.suffix != ".json":
-        path = PRESET_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(list_presets())} or a .json file")
-    preset = _read_json_object(path, "preset")
+    if path.suffix.lower() in SUFFIXES or "/" in str(name_or_path):
+        return path
+    return PRESET_DIR / f"{name_or_path}.json"
+
+
+def is_shipped_preset(name: str) -> bool:
+    return preset_path(name).parent == PRESET_DIR and preset_path(name).is_file()
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (shipped with the package) or by the path of a JSON or YAML file; checked key by key."""
+    path = preset_path(name_or_path)
+    if path.parent == PRESET_DIR and not path.is_file():
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(list_presets())} or a .json "
+                          "or .yaml file")
+    preset = read_settings_file(path, "preset")
     preset.setdefault("preset", path.stem)
+    check_label(preset["preset"], f"preset {path.name}")
     check_values({k: v for k, v in preset.items() if k != "preset"}, f"preset {path.name}")
     return preset
+
+
+def check_label(value: object, where: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"preset ({where}) must be a preset name or file, got {value!r}")
+
+
+def load_config_file(path: str) -> dict:
+    """The settings of a ``--config`` file (JSON or YAML), each checked like a flag; ``preset`` (optional) names the
+    preset they are laid over."""
+    values = read_settings_file(Path(path), "config file")
+    where = f"config file {Path(path).name}"
+    if "preset" in values:
+        check_label(values["preset"], where)
+    check_values({k: v for k, v in values.items() if k != "preset"}, where)
+    return values
 
 
 def load_method_preset(method: str) -> dict:
@@ -69,7 +87,7 @@ def load_method_preset(method: str) -> dict:
     path = METHOD_PRESET_DIR / f"{method}.json"
     if not path.is_file():
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(list_method_presets())}")
-    preset = _read_json_object(path, "method preset")
+    preset = read_settings_file(path, "method preset")
     preset.pop("label", None)
     check_values(preset, f"method preset {path.name}")
     bad = sorted(set(preset) - METHOD_KEYS)
@@ -83,22 +101,26 @@ def load_method_preset(method: str) -> dict:
 
 def method_label(method: str) -> str:
     path = METHOD_PRESET_DIR / f"{method}.json"
-    return str(_read_json_object(path, "method preset").get("label", method)) if path.is_file() else method
+    return str(read_settings_file(path, "method preset").get("label", method)) if path.is_file() else method
 
 
-def layered_config(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
-    """Schema defaults < method preset < ``preset`` (its method keys only for its own method) < ``overrides``.
+def layered_config(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None,
+                   file_values: Optional[dict] = None) -> dict:
+    """Schema defaults < method preset < ``preset`` (its method keys only for its own method) < ``file_values`` (a
+    ``--config`` file) < ``overrides``.
 
     ``method=None`` takes the preset's method. The result is validated."""
-    config = validate_config(merge_layers(preset, method, overrides))
-    check_conflicts(config, set(overrides or {}))
+    config = validate_config(merge_layers(preset, method, overrides, file_values))
+    check_conflicts(config, given_keys(preset, method, overrides, file_values))
     return config
 
 
-def merge_layers(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None) -> dict:
+def merge_layers(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None,
+                 file_values: Optional[dict] = None) -> dict:
     """:func:`layered_config` without the final validation (each layer is still checked value by value)."""
     overrides = dict(overrides or {})
-    method = method or overrides.pop("method", None)
+    file_values = {k: v for k, v in (file_values or {}).items() if k != "preset"}
+    method = method or overrides.pop("method", None) or file_values.pop("method", None)
     chosen = load_preset(preset)
     method = method or chosen.get("method") or DEFAULTS["method"]
     if chosen.get("method", DEFAULTS["method"]) != method:
@@ -107,6 +129,21 @@ def merge_layers(preset: str, method: Optional[str] = None, overrides: Optional[
     config.update(load_method_preset(method))
     config.update(chosen)
     config["method"] = method
+    config.update(copy.deepcopy(file_values))
     check_values(overrides, "the command line")
     config.update(overrides)
     return config
+
+
+def given_keys(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None,
+               file_values: Optional[dict] = None) -> set:
+    """The settings the user gave: every flag, and each key of a ``--config`` file whose value differs from what the
+    preset gives (so a run's written ``config.yaml``, which holds every setting, reads back without claiming them
+    all as given)."""
+    given = set(overrides or {})
+    if file_values:
+        method = method or (overrides or {}).get("method") or file_values.get("method")
+        base = merge_layers(preset, method)
+        same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+        given |= {k for k, v in file_values.items() if k != "preset" and not same(base.get(k), v)}
+    return given

@@ -1,27 +1,37 @@
 """Exact resume between experiences: which checkpoints a run may continue (the strategy's own state is
-:mod:`inflora_avalanche.strategy_state`), and the checksum of the backbone weights."""
+:mod:`inflora_avalanche.strategy_state`), and the checksum of the backbone weights.
+
+The settings check needs no torch: :func:`checkpoint_config` reads the checkpoint's config from the safetensors
+header, so that ``--resume`` with other settings is refused before the heavy imports.
+"""
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+from ..schema import ConfigError
+from .config import DEFAULTS, FIELD_BY_NAME, RESUME_FREE_KEYS, RESUME_IDENTITY_KEYS
 
-from ..checkpoint import CheckpointError
-from ..strategy_state import inner_model
-from ..streams import StreamInfo
-from .config import RESUME_FREE_KEYS, RESUME_IDENTITY_KEYS
+if TYPE_CHECKING:
+    from ..streams import StreamInfo
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 STREAM_KEYS = ("name", "num_classes", "n_experiences", "class_order", "train_size", "test_size")
+IDENTITY_ORDER = ["method", "preset", "backbone", "benchmark"] + sorted(
+    RESUME_IDENTITY_KEYS - {"method", "preset", "backbone", "benchmark"})
 
 
 def backbone_fingerprint(model: Any) -> float:
     """A float64 sum of the frozen backbone's parameters outside the adapted layers (whose weights InfLoRA changes:
     ``is_trained_parameter``), taken on the fresh model: tells whether a checkpoint was made on the same backbone
     weights."""
+    import torch
+
+    from ..strategy_state import inner_model
+
     inner = inner_model(model)
     backbone = getattr(inner, "backbone", inner)
     trained = getattr(inner, "is_trained_parameter", lambda name: False)
@@ -32,23 +42,71 @@ def backbone_fingerprint(model: Any) -> float:
     return float(total)
 
 
-def check_resume(config: dict, info: StreamInfo, checkpoint: dict, path: Path) -> dict:
-    """Refuse a checkpoint of another method, preset, backbone, stream or model; returns the other settings that
-    changed (``{key: (checkpoint's, this run's)}``)."""
-    saved = checkpoint["config"]
-    identity = ["method", "preset", "backbone", "benchmark"]
-    identity += sorted(RESUME_IDENTITY_KEYS - set(identity))
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (tuples = lists)
-    for key in identity:
-        if not same(saved.get(key), config.get(key)):
-            raise CheckpointError(
-                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has {key}={config.get(key)!r}; "
-                "resume with the same settings, or choose another --out (or --overwrite) to start anew")
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # tuples = lists
+
+
+def with_schema_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the settings added to the schema after it was written, at their defaults (the run
+    used them then)."""
+    return {**{k: v for k, v in DEFAULTS.items() if k not in RESUME_FREE_KEYS}, **saved}
+
+
+def checkpoint_config(path: Path) -> Optional[dict]:
+    """The config stored in the checkpoint at ``path``, read from its safetensors header without torch; ``None``
+    when the file cannot be read that way (loading it later says why)."""
+    try:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > 100_000_000:
+                return None
+            header = json.loads(handle.read(size))
+        config = json.loads(header["__metadata__"]["state"])["config"]
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _show(changes: dict) -> str:
+    return ", ".join(f"{FIELD_BY_NAME[k].flag if k in FIELD_BY_NAME else k} {a!r} there, {b!r} now"
+                     for k, (a, b) in changes.items())
+
+
+def check_resume_settings(saved: dict, config: dict, path: Path, error: type = ConfigError) -> dict:
+    """Refuse a checkpoint of another method, preset, backbone or model; and, unless ``resume_with_changes``, one
+    trained with other settings (results would claim settings that earlier experiences never had). Returns the
+    settings that changed (``{key: (checkpoint's, this run's)}``)."""
+    saved = with_schema_defaults(saved)
+    for key in IDENTITY_ORDER:
+        if not _same(saved.get(key), config.get(key)):
+            raise error(
+                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has "
+                f"{key}={config.get(key)!r}; resume with the same settings, or choose another --out (or --overwrite) "
+                "to start anew")
+    compared = sorted((set(saved) | set(config)) - RESUME_FREE_KEYS - RESUME_IDENTITY_KEYS)
+    changed = {k: (saved.get(k), config.get(k)) for k in compared if not _same(saved.get(k), config.get(k))}
+    if changed and not config.get("resume_with_changes"):
+        out = Path(path).parent
+        latest = next((out / n for n in ("config_resumed.yaml", "config.yaml") if (out / n).is_file()), None)
+        how = f"`--config {latest} --resume`, or drop those flags" if latest else "drop those flags"
+        raise error(
+            f"the checkpoint {path} was trained with other settings ({_show(changed)}); resume with the "
+            f"checkpoint's settings ({how}), or start anew in "
+            "another --out; --resume-with-changes continues with the new settings and records which experiences "
+            "used which in results.json")
+    return changed
+
+
+def check_resume(config: dict, info: "StreamInfo", checkpoint: dict, path: Path) -> dict:
+    """:func:`check_resume_settings` on a loaded checkpoint, and its data stream (classes, order, sizes); returns
+    the settings that changed."""
+    from ..checkpoint import CheckpointError
+
+    changed = check_resume_settings(checkpoint["config"], config, path, CheckpointError)
     stream = {k: v for k, v in info.to_dict().items() if k in STREAM_KEYS}
     for key in STREAM_KEYS:
-        if not same(checkpoint["stream"].get(key), stream.get(key)):
+        if not _same(checkpoint["stream"].get(key), stream.get(key)):
             raise CheckpointError(
                 f"the data stream differs from the checkpoint's ({key}: {checkpoint['stream'].get(key)!r} there, "
                 f"{stream.get(key)!r} now); resume on the same data, or choose another --out")
-    return {k: (saved.get(k), config.get(k)) for k in sorted(set(saved) | set(config))
-            if k not in RESUME_FREE_KEYS and k not in identity and not same(saved.get(k), config.get(k))}
+    return changed

@@ -22,6 +22,9 @@ from ..lazy import lazy_exports
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FILE_CROP_PCT = 224 / 256  # image files are resized to r * 256 / 224 and centre-cropped to r
+#: Settings only some streams read (each stream's ``reads``).
+STREAM_SPECIFIC = ("download", "domains", "normalize", "mean", "std")
+_NORMALISED = ("normalize", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class Stream:
     ``num_classes``: fixed class count (``None``: decided by the data); ``crop_pct``: the test preprocessing (timm's
     ``crop_pct``: 1.0 = resized to the input size, :data:`FILE_CROP_PCT` = resized and centre-cropped);
     ``split_manifest``: the stream splits files by a seed and writes the split to the run's folder; ``subsets``: takes
-    ``--classes`` and the per-class limits; ``device_augment``: can keep uint8 tensors for ``--device-augment``.
+    ``--classes`` and the per-class limits; ``device_augment``: can keep uint8 tensors for ``--device-augment``;
+    ``reads``: which of the stream-specific settings (:data:`STREAM_SPECIFIC`) it reads (the runner refuses the others
+    when given, rather than ignore them).
     """
 
     name: str
@@ -57,6 +62,7 @@ class Stream:
     split_manifest: bool = False
     subsets: bool = False
     device_augment: bool = False
+    reads: tuple[str, ...] = ()
     script: Optional[Script] = None
 
     def build(self, config: dict, manifest: Any = None) -> tuple[Any, Any]:
@@ -81,16 +87,17 @@ REGISTRY: dict[str, Stream] = {
     for s in (
         Stream("split_cifar100", "cifar:from_config", "Split CIFAR-100",
                "CIFAR-100: holds cifar-100-python/ (downloaded there unless --no-download)", data_root="optional",
-               num_classes=100, device_augment=True,
+               num_classes=100, device_augment=True, reads=("download", *_NORMALISED),
                script=Script("run_split_cifar.py", "cifar100_inflora", "cifar100_", also_accepts=("digits",))),
         Stream("imagenet_r", "imagenet_r:from_config", "ImageNet-R", "ImageNet-R: the 200 class folders",
-               data_root="required", crop_pct=FILE_CROP_PCT, split_manifest=True,
+               data_root="required", crop_pct=FILE_CROP_PCT, split_manifest=True, reads=_NORMALISED,
                script=Script("run_imagenet_r.py", "imagenet_r_10", also_accepts=("folder", "digits", "synthetic"))),
         Stream("domainnet", "domainnet:from_config", "DomainNet",
                "DomainNet: the domains and <domain>_train.txt lists", data_root="required", crop_pct=FILE_CROP_PCT,
+               reads=("domains", *_NORMALISED),
                script=Script("run_domainnet.py", "domainnet_inflora", "domainnet_", also_accepts=("folder", "digits"))),
         Stream("folder", "folder:from_config", "image folder", "folder: root/<class>/ or root/train|val/<class>/",
-               data_root="required", crop_pct=FILE_CROP_PCT, split_manifest=True, subsets=True),
+               data_root="required", crop_pct=FILE_CROP_PCT, split_manifest=True, subsets=True, reads=_NORMALISED),
         Stream("digits", "digits:from_config", "digits", "scikit-learn's bundled 8x8 digits (no download)",
                num_classes=10),
         Stream("synthetic", "synthetic:from_config", "synthetic", "generated in memory (no data)", subsets=True),
@@ -151,4 +158,4 @@ _EXPORTS = {
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), also=(
-    "IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "Script", "Stream", "get_stream", "stream_names"))
+    "IMAGENET_MEAN", "IMAGENET_STD", "REGISTRY", "STREAM_SPECIFIC", "Script", "Stream", "get_stream", "stream_names"))
