@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .io import atomic_write, atomic_write_json  # atomic_write: also this module's public name, as before
+from .io import atomic_write, atomic_write_json, current_umask  # atomic_write: also this module's public name
 from .model import UNSEEN_CLASS_LOGIT, LowRankViT
 
 EXPORT_FORMAT = "inflora-avalanche-timm-export/2"
@@ -34,12 +34,6 @@ ClassNames = Union[Sequence[str], Mapping[int, str], None]
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
 # Null fields timm keeps in a pretrained_cfg (timm.models._pretrained.filter_pretrained_cfg does the same).
 _KEEP_NULL = ("pool_size", "first_conv", "classifier")
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def timm_state_dict(model: LowRankViT) -> dict[str, torch.Tensor]:
@@ -201,7 +195,7 @@ def _write_folder(folder: Path, state: dict, config: dict) -> None:
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         write(stage)
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir gives this
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes 0700; a plain mkdir gives this
         os.rename(stage, folder)
     finally:
         if stage.exists():

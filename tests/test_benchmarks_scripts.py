@@ -75,14 +75,13 @@ def test_dataloader_ci_config_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached"}
+    assert set(results) == {"pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder"}
     for name, r in results.items():
         assert r["img_s"] > 0 and r["finite"]
         if name == "tensor-index":  # the loader alone: raw uint8 CIFAR-sized batches
             assert r["batch_shape"] == [8, 3, 32, 32] and r["dtype"] == "uint8"
         else:
             assert r["batch_shape"] == [8, 3, 32, 32] and r["dtype"] == "float32"
-    assert report["results"]["folder-cached"]["cache_fill_img_s"] > 0
     assert "synthetic 64x48 JPEGs" in report["sources"]["folder"]
 
 
@@ -143,29 +142,6 @@ def test_dataloader_refuses_existing_out(tmp_path, capsys):
     assert _load(DATALOADER).main(["--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "{}"
-
-
-def test_resize_cache_reuses_and_matches_decoding(tmp_path):
-    from inflora_avalanche.cached_folder import CachedImageFolder, ResizeCache, resize_shorter
-
-    root = tmp_path / "imgs" / "a"
-    root.mkdir(parents=True)
-    arr = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
-    Image.fromarray(arr).save(root / "x.png")
-    cache = ResizeCache(tmp_path / "cache", 20)
-    ds = CachedImageFolder.from_folder(tmp_path / "imgs", cache=cache)
-    first, label = ds[0]
-    assert label == 0 and first.size == (30, 20)
-    entries = list((tmp_path / "cache").rglob("*.npy"))
-    assert len(entries) == 1
-    expected = np.asarray(resize_shorter(Image.fromarray(arr), 20))
-    assert np.array_equal(np.asarray(first), expected)
-    np.save(entries[0], np.zeros_like(expected))  # a second read comes from the cache, not the file
-    assert np.asarray(ds[0][0]).max() == 0
-    with pytest.raises(ValueError, match="cache size"):
-        ResizeCache(tmp_path / "c2", 0)
-    with pytest.raises(FileNotFoundError, match="no image files"):
-        CachedImageFolder.from_folder(tmp_path / "cache")
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
