@@ -132,8 +132,11 @@ def scan_class_folders(root: PathLike) -> tuple[list[str], dict[str, list[str]]]
     for folder in folders:
         images = list_images(folder)
         if not images:
+            others = sorted(p.name for p in folder.iterdir())
+            holds = f"it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" if others else "it is empty"
             raise DataUnavailableError(
-                f"class folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+                f"class folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...; {holds}); put "
+                "images in it or remove it"
             )
         files[folder.name] = images
     return [f.name for f in folders], files
@@ -146,12 +149,14 @@ REPLACE_ADVICE = ("replace it with a readable image under the same name (deletin
 
 
 def _as_rgb(img):
-    """``img`` in RGB. 16- and 32-bit grayscale (``I;16``, ``I``) are scaled from 16 bits to 8 first: PIL's own
-    conversion clips them at 255, which turns most of a 16-bit image white."""
+    """``img`` in RGB (an alpha channel is dropped). 16- and 32-bit grayscale (``I;16``, ``I``) are scaled from 16
+    bits to 8 first: PIL's own conversion clips them at 255, which turns most of a 16-bit image white."""
     if img.mode.startswith("I;16") or img.mode == "I":
         from PIL import Image
 
         img = Image.eval(img.convert("I"), lambda v: v / 256).convert("L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what PIL asks for (with a warning per image) before such a palette goes to RGB
     return img.convert("RGB")
 
 

@@ -160,6 +160,9 @@ def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
         raise C.ConfigError("compare runs a preset's stream (default synthetic_smoke, offline); --demo is for run")
     out = Path(overrides["out"]).expanduser()
     export = Path(overrides["export"]).expanduser() if overrides.get("export") else None
+    if export is not None and export.exists() and not export.is_dir():
+        raise C.ConfigError(f"--export {export} is a file; give a folder (each method's exports go to "
+                            f"{export}/<method>/)")
     if export is not None and not any(get_method(m).has(EXPORT) for m in args.methods):
         raise C.ConfigError(f"--export applies to {', '.join(methods_with(EXPORT))}, none of which is in --methods: "
                             "drop --export or add one of them")

@@ -166,6 +166,9 @@ def folder_split(
     written to ``manifest_path`` (if given). ``classes`` keeps the first N classes (name order) or the named ones.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataUnavailableError(f"data folder {root} is a file, not a folder; point --data-root at the folder that "
+                                   "holds the images")
     if not root.is_dir():
         raise DataUnavailableError(f"data folder {root} does not exist")
     layout = detect_layout(root)
