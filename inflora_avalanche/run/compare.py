@@ -123,7 +123,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if any(row["status"] == "ok" for row in rows):  # no legend (and no matplotlib warning) for an empty plot
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
