@@ -189,8 +189,9 @@ def weights_source(name: str, model: nn.Module, pretrained: bool,
     if pretrained:
         cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         tag = cfg.get("tag")
-        return {"kind": "pretrained", "name": f"{cfg.get('architecture') or name.split('.')[0]}" + (f".{tag}" if tag else ""),
-                "tag": tag, "hf_hub_id": cfg.get("hf_hub_id"), "url": cfg.get("url"), "license": cfg.get("license")}
+        architecture = cfg.get("architecture") or name.split(".")[0]
+        return {"kind": "pretrained", "name": f"{architecture}.{tag}" if tag else architecture, "tag": tag,
+                "hf_hub_id": cfg.get("hf_hub_id"), "url": cfg.get("url"), "license": cfg.get("license")}
     return {"kind": "random init"}
 
 

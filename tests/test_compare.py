@@ -287,7 +287,8 @@ def test_compare_export_gives_each_method_its_own_folder(tmp_path: Path, capsys)
             assert (export / method / "seed0" / f"after_exp{t}" / "config.json").is_file()
         weights[method] = load_file(str(export / method / "seed0" / "after_exp2" / "model.safetensors"))
         assert json.loads((out / method / "config.json").read_text())["export"] == str(export / method)
-    assert not torch.equal(weights["inflora"]["blocks.0.attn.qkv.weight"], weights["seq_lora"]["blocks.0.attn.qkv.weight"])
+    qkv = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(weights["inflora"][qkv], weights["seq_lora"][qkv])  # two trainings, not one export twice
     before = {p: p.read_bytes() for p in export.rglob("*") if p.is_file()}
     # the same --export for another comparison: refused before anything runs, the exports untouched
     code, _, err = _compare(capsys, *args[:1], str(tmp_path / "other"), *args[2:])

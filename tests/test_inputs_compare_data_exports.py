@@ -162,7 +162,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
                                         (f"{corrupt_png / 'c1' / '1.png'} (OSError: broken data stream",), None),
         "image over PIL's decompression-bomb limit": (run + ["--data-root", str(good)],
                                                       ("6 of the stream's 6 image files cannot be read",
-                                                       "(DecompressionBombError: Image size (576 pixels) exceeds limit"),
+                                                       "(DecompressionBombError: Image size (576 pixels)"),
                                                       None),
         "--data-root a file": (run + ["--data-root", str(a_file)], (f"data folder {a_file} is a file, not a folder",),
                                None),

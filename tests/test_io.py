@@ -203,8 +203,9 @@ def test_corrupt_image_raises_image_load_error_with_the_path(tmp_path, content):
     with pytest.raises(ImageLoadError) as info:
         open_rgb(bad)
     message = str(info.value)
-    assert message.startswith(f"cannot read image {bad} (") and message.endswith("; replace it with a readable image under the same name (deleting it changes the train/test "
-                                     "split, which --resume of a run on this data refuses)")
+    assert message.startswith(f"cannot read image {bad} (")
+    assert message.endswith("; replace it with a readable image under the same name (deleting it changes the "
+                            "train/test split, which --resume of a run on this data refuses)")
     # every reader raises the same error
     with pytest.raises(ImageLoadError, match="broken.jpg"):  # the stream's dataset raises the same error
         ImageFileDataset([(str(bad), 0)])[0]

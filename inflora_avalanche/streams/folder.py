@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..io import IMAGE_EXTENSIONS, atomic_write_json, atomic_write_text, open_rgb, scan_class_folders  # noqa: F401  (re-exported)
+from ..io import IMAGE_EXTENSIONS, atomic_write_json, open_rgb, scan_class_folders  # noqa: F401  (re-exported)
+from ..io import atomic_write_text
 from .common import (
     DataUnavailableError,
     StreamInfo,
@@ -115,7 +116,8 @@ def write_manifest(path: PathLike, root: Path, classes: list[str], train: list[S
         return ",\n".join(json.dumps([relative(p), y]) for p, y in items)
 
     head = {"format": MANIFEST_FORMAT, "root": str(root.resolve()), **info, "classes": classes}
-    text = json.dumps(head, indent=1)[:-2] + f',\n "train": [\n{samples(train)}\n ],\n "test": [\n{samples(test)}\n ]\n}}\n'
+    text = (json.dumps(head, indent=1)[:-2]
+            + f',\n "train": [\n{samples(train)}\n ],\n "test": [\n{samples(test)}\n ]\n}}\n')
     atomic_write_text(path, text)
 
 
