@@ -266,8 +266,6 @@ def check_output(out: Path, configs: dict[str, dict]) -> None:
 
 
 def _compare(argv: Sequence[str]) -> int:
-    from .output import OutputLock, discard_new_entries, make_folders, missing_folders, remove_empty_folders
-
     try:
         args, configs = method_configs(argv)
         for config in configs.values():
@@ -277,6 +275,8 @@ def _compare(argv: Sequence[str]) -> int:
         check_output(out, configs)
     except C.ConfigError as err:
         fail(str(err))
+    from .output import OutputLock, discard_new_entries, make_folders, missing_folders, remove_empty_folders
+
     missing = missing_folders(out)  # --out and its parents that this comparison makes
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
     lock = OutputLock(out)
