@@ -182,8 +182,8 @@ def _run_isolated(config: dict, out: Path) -> tuple[int, str]:
     error line).
 
     The child runs in its own process group, so that a Ctrl-C at the terminal reaches only this process, which
-    passes it on once: two deliveries could interrupt the child while it takes back what it wrote. The child's own
-    line (what it kept) then becomes part of this process's one line, as ``KeyboardInterrupt.inflora_child_note``."""
+    passes it on once (two deliveries could interrupt the child while it takes back what it wrote) and waits for it:
+    what the child kept is then on disk for this process's one line."""
     import signal
 
     method = config["method"]
@@ -196,11 +196,9 @@ def _run_isolated(config: dict, out: Path) -> tuple[int, str]:
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, process_group=0)
     try:
         _, err = proc.communicate()
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate()  # the child takes back what it wrote, or keeps its checkpoint, and says which
-        notes = [line[len("interrupted "):] for line in err.splitlines() if line.startswith("interrupted ")]
-        stop.inflora_child_note = notes[-1] if notes else None  # type: ignore[attr-defined]
+        proc.communicate()  # the child takes back what it wrote before its first checkpoint, or keeps the checkpoint
         raise
     sys.stderr.write(err)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -216,9 +214,6 @@ def _run_here(config: dict) -> tuple[int, str]:
         run_experiment(config)
     except user_errors() as err:
         return 2, one_line(err)
-    except KeyboardInterrupt as stop:
-        stop.inflora_child_note = getattr(stop, "inflora_note", None)  # type: ignore[attr-defined]
-        raise
     except Exception as err:  # one failing method must not lose the others' results
         return 1, f"{type(err).__name__}: {one_line(err)}"
     return 0, ""
@@ -310,8 +305,8 @@ def _compare(argv: Sequence[str]) -> int:
     except KeyboardInterrupt as stop:
         kept = [m for m, c in configs.items() if _has_entries(Path(c["out"]))]
         discard = not kept and not first["resume"]
-        stop.inflora_note = _interrupt_note(out, configs, runs, current, kept, bool(missing) and out in missing,
-                                            getattr(stop, "inflora_child_note", None))  # type: ignore[attr-defined]
+        stop.inflora_note = _interrupt_note(  # type: ignore[attr-defined]  (read by compare_main)
+            out, configs, runs, current, kept, out in missing)
         raise
     finally:
         if discard and lock.held:
@@ -329,12 +324,12 @@ def _compare(argv: Sequence[str]) -> int:
     return 0
 
 
-def _interrupt_note(out: Path, configs: dict, runs: list, current: Optional[str], kept: list, made_out: bool,
-                    child_note: Optional[str]) -> str:
-    """What an interrupted comparison kept, for its one line (after "interrupted ")."""
+def _interrupt_note(out: Path, configs: dict, runs: list, current: Optional[str], kept: list, made_out: bool) -> str:
+    """What an interrupted comparison kept, for its one line (after "interrupted "): read from the method folders,
+    where each interrupted run has taken back what it wrote or kept its checkpoint."""
     from .resume import CHECKPOINT_NAME
 
-    where = f"during {current}" if current else "between methods"
+    where = f"during {current}" if current else ("before the first method" if not runs else "between methods")
     if not kept:
         return (f"{where}, before any method had finished an experience: nothing to resume, so "
                 + (f"{out} was removed again" if made_out else f"what the comparison had added to {out} was removed"))
