@@ -151,7 +151,8 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
         "compare: --export holding an earlier comparison's exports": (
             compare + ["--methods", "inflora", "--export", str(earlier)],
             (f"--export {earlier / 'inflora'} already holds exported models",), None),
-        "compare: --export the same folder as --out": (compare + ["--methods", "inflora", "--export", out], None,
+        "compare: --export the same folder as --out": (compare + ["--methods", "inflora", "--export", out,
+                                                                  "--no-isolate"], None,
                                                       exports_per_method_in_the_run_folder),
         # ------------------------------------------------------------------ image folders
         "truncated JPEG (in the last experience)": (run + ["--data-root", str(truncated)],
