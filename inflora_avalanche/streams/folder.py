@@ -15,8 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..io import IMAGE_EXTENSIONS, atomic_write_json, open_rgb, scan_class_folders  # noqa: F401  (re-exported)
-from ..io import atomic_write_text
+from ..io import IMAGE_EXTENSIONS, atomic_write_text, open_rgb, scan_class_folders  # noqa: F401  (re-exported)
 from .common import (
     DataUnavailableError,
     StreamInfo,
