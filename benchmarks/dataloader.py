@@ -10,9 +10,8 @@ Paths (``--paths``):
   can deliver once the augmentation runs on the accelerator.
 - ``tensor-batched``: as ``tensor``, but the dataset answers a whole batch with one gather (``__getitems__``).
 - ``avalanche``: as ``tensor``, through the Avalanche experience dataset the strategy iterates (its wrapper and collate).
-- ``folder``: JPEG files decoded in the workers, reference transforms per sample (ImageNet-R / DomainNet style).
-- ``folder-cached``: as ``folder`` through a :class:`ResizeCache` (shorter side ``--cache-size``); measured on a
-  second pass, after the first has filled the cache.
+- ``folder``: JPEG files decoded in the workers by the runner's :class:`ImageFileDataset`, reference transforms per
+  sample (ImageNet-R / DomainNet style).
 
 CIFAR-like images are random 32 x 32 ``uint8`` unless ``--cifar-root`` points at a ``cifar-100-python`` folder; the
 folder paths use ``--folder`` or, by default, synthetic JPEGs written to a temporary folder (``--folder-size``).
@@ -44,7 +43,7 @@ import torch
 from inflora_avalanche.io import atomic_write_json
 from inflora_avalanche.run.cli import ScriptHelpFormatter
 
-PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder", "folder-cached")
+PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder")
 
 
 class UsageError(Exception):
@@ -74,7 +73,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--folder-images", type=int, default=None, help="synthetic JPEGs to write (default: enough for the run)")
     p.add_argument("--folder-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
                    help="synthetic JPEG size (default: 500 375, typical of ImageNet-R)")
-    p.add_argument("--cache-size", type=int, default=256, help="shorter side kept by the resize cache")
     p.add_argument("--cpu-threads", "--threads", dest="cpu_threads", type=int, default=None,
                    help="torch CPU threads of the main process (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the shuffling")
@@ -85,7 +83,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     bad = [s for s in args.paths if s not in PATHS]
     if bad or not args.paths:
         raise UsageError(f"--paths must list some of {', '.join(PATHS)}, got {bad or 'nothing'}")
-    for name in ("resolution", "batch_size", "batches", "images", "cache_size"):
+    for name in ("resolution", "batch_size", "batches", "images"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_workers < 0:
@@ -123,6 +121,23 @@ class PILFromTensor(torch.utils.data.Dataset):
         from PIL import Image
 
         return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+class TransformedFiles(torch.utils.data.Dataset):
+    """The runner's image files (:class:`ImageFileDataset`: decoded RGB PIL images), then the transform."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+        from inflora_avalanche.streams.folder import ImageFileDataset
+
+        self.files = ImageFileDataset(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.files[i]
+        return self.transform(image), label
 
 
 def cifar_like(args: argparse.Namespace) -> tuple[torch.Tensor, list[int], str]:
@@ -197,8 +212,8 @@ def measure_loader(
 def run(args: argparse.Namespace) -> dict:
     from torchvision import transforms as T
 
-    from inflora_avalanche.cached_folder import CachedImageFolder, ResizeCache
     from inflora_avalanche.device_augment import DeviceAugment
+    from inflora_avalanche.io import scan_class_folders
     from inflora_avalanche.streams.common import BatchedTensorImageDataset, TensorImageDataset, batched_collate
 
     if args.cpu_threads is not None:
@@ -245,17 +260,9 @@ def run(args: argparse.Namespace) -> dict:
                 loader = _loader(exp_ds, args, getattr(exp_ds, "collate_fn", None))
                 results[path] = measure_loader(loader, on_device, args)
             elif path == "folder":
-                ds = CachedImageFolder.from_folder(folder, reference_tf)
+                names, files = scan_class_folders(folder)
+                ds = TransformedFiles([(f, y) for y, name in enumerate(names) for f in files[name]], reference_tf)
                 results[path] = measure_loader(_loader(ds, args), as_is, args)
-            elif path == "folder-cached":
-                cache_dir = tempfile.mkdtemp(prefix="inflora_cache_", dir=tmp.name if tmp else None)
-                ds = CachedImageFolder.from_folder(folder, reference_tf, ResizeCache(cache_dir, args.cache_size))
-                fill_start = time.perf_counter()
-                for i in range(len(ds)):  # fill the cache (one decode per file)
-                    ds.cache.load(ds.samples[i][0])
-                fill = time.perf_counter() - fill_start
-                results[path] = measure_loader(_loader(ds, args), as_is, args)
-                results[path]["cache_fill_img_s"] = len(ds) / fill
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -276,8 +283,6 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{name:>15} {r['img_s']:>10.1f} {r['first_batch_s']:>14.2f}  {r['batch_shape']} {r['dtype']}")
     if "pil" in results and "tensor" in results:
         print(f"tensor + device augment vs PIL per sample: x{results['tensor']['img_s'] / results['pil']['img_s']:.2f}")
-    if "folder" in results and "folder-cached" in results:
-        print(f"folder with resize cache vs decoding: x{results['folder-cached']['img_s'] / results['folder']['img_s']:.2f}")
     return report
 
 

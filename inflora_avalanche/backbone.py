@@ -169,7 +169,34 @@ def create_backbone(
 
     A local ``checkpoint_path`` that is not a usable weights file (missing, a folder, empty, truncated, text, not a
     checkpoint, or one of another architecture) raises :class:`ValueError` (:class:`FileNotFoundError` when missing)
-    whose one-line message names the file and says what it is."""
+    whose one-line message names the file and says what it is.
+
+    The model's ``weights_source`` says where its weights came from (:func:`weights_source`): timm keeps the
+    published weights' tag and licence in ``pretrained_cfg`` also for a random or locally loaded model, and an
+    export must not pass those off as its origin."""
+    model = _backbone_with_weights(name, pretrained, checkpoint_path, timm_kwargs)
+    model.weights_source = weights_source(name, model, pretrained, checkpoint_path)
+    return model
+
+
+def weights_source(name: str, model: nn.Module, pretrained: bool,
+                   checkpoint_path: Optional[Union[str, os.PathLike]]) -> dict:
+    """``{"kind": "file", "path", "size"}`` for a local weights file, ``{"kind": "pretrained", "name", "tag",
+    "hf_hub_id", "license"}`` for timm's published weights, ``{"kind": "random init"}`` otherwise."""
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path).expanduser().resolve()
+        return {"kind": "file", "path": str(path), "size": path.stat().st_size}
+    if pretrained:
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        tag = cfg.get("tag")
+        architecture = cfg.get("architecture") or name.split(".")[0]
+        return {"kind": "pretrained", "name": f"{architecture}.{tag}" if tag else architecture, "tag": tag,
+                "hf_hub_id": cfg.get("hf_hub_id"), "url": cfg.get("url"), "license": cfg.get("license")}
+    return {"kind": "random init"}
+
+
+def _backbone_with_weights(name: str, pretrained: bool, checkpoint_path: Optional[Union[str, os.PathLike]],
+                           timm_kwargs: dict) -> nn.Module:
     import timm
 
     kwargs = dict(timm_kwargs)

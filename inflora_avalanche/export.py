@@ -12,6 +12,7 @@ and it costs exactly what the plain backbone costs. Output column ``j`` is datas
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .io import atomic_write, atomic_write_json  # atomic_write: also this module's public name, as before
+from .io import atomic_write, atomic_write_json, current_umask  # atomic_write: also this module's public name
 from .model import UNSEEN_CLASS_LOGIT, LowRankViT
 
 EXPORT_FORMAT = "inflora-avalanche-timm-export/2"
@@ -32,14 +33,11 @@ COLUMN_MODES = ("labels", "seen")
 ClassNames = Union[Sequence[str], Mapping[int, str], None]
 # pretrained_cfg fields that say where the backbone's own weights came from; an export is its own source.
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
+# pretrained_cfg fields that describe the published weights (their tag, licence, paper): true of an export only when
+# its backbone started from those weights.
+_PROVENANCE_KEYS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
 # Null fields timm keeps in a pretrained_cfg (timm.models._pretrained.filter_pretrained_cfg does the same).
 _KEEP_NULL = ("pool_size", "first_conv", "classifier")
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def timm_state_dict(model: LowRankViT) -> dict[str, torch.Tensor]:
@@ -130,10 +128,12 @@ def timm_config(
     bad = sorted(set(data_config or {}) - set(DATA_CONFIG_KEYS))
     if bad:
         raise ValueError(f"data_config keys must be among {DATA_CONFIG_KEYS}, got {bad}")
+    published = getattr(model.backbone, "weights_source", {}).get("kind") == "pretrained"
     cfg = {
         k: v
         for k, v in model.pretrained_cfg.items()
         if k not in _SOURCE_KEYS and k != "architecture" and (v is not None or k in _KEEP_NULL)
+        and (published or k not in _PROVENANCE_KEYS)
     }
     cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in (data_config or {}).items()})
     input_size = _input_size(model, cfg, kwargs)
@@ -157,7 +157,45 @@ def timm_config(
     if label_names is not None:
         config["label_names"] = label_names
     config["pretrained_cfg"] = cfg
+    config["backbone_weights"] = backbone_weights(model)
     return config
+
+
+def backbone_weights(model: LowRankViT) -> dict:
+    """Where the exported backbone's weights came from, before training: timm's published weights (name, tag, hub
+    id, licence), a local file (path, size and SHA-256, read now), random initialisation, or ``unknown`` (a backbone
+    passed in as a module: its ``pretrained_cfg`` names the architecture's default weights whether or not it holds
+    them, so neither their tag nor their licence is claimed)."""
+    source = dict(getattr(model.backbone, "weights_source", None) or {"kind": "unknown"})
+    if source["kind"] == "file":
+        source["sha256"] = _sha256(source["path"], source.get("size"))
+    return source
+
+
+def _sha256(path: str, size: Optional[int]) -> Optional[str]:
+    """The file's SHA-256, or ``None`` when it is gone or no longer the size it had when it was loaded; computed once
+    per file version (a run exports after every experience)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if size is not None and stat.st_size != size:
+        return None
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> Optional[str]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _check_loads(architecture: str, num_classes: int, kwargs: dict, state: dict) -> None:
@@ -201,7 +239,7 @@ def _write_folder(folder: Path, state: dict, config: dict) -> None:
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         write(stage)
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir gives this
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes 0700; a plain mkdir gives this
         os.rename(stage, folder)
     finally:
         if stage.exists():

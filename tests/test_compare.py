@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +219,130 @@ def test_compare_fails_when_nothing_ran_and_refuses_leftover_method_runs(tmp_pat
     # --demo is run's; compare says so
     code, _, err = _compare(capsys, "--out", str(tmp_path / "demo"), "--demo")
     assert code == 2 and "--demo is for run" in err and not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------------------------------------------------------- one folder
+def _one_line(code: int, err: str, *needles: str, exit_code: int = 2) -> None:
+    assert code == exit_code, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_a_compare_on_a_folder_another_compare_holds_is_refused(tmp_path: Path, capsys) -> None:
+    from inflora_avalanche.run.output import LOCK_NAME, OutputLock
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    lock = OutputLock(out).acquire()  # this process stands for a comparison writing into the folder
+    try:
+        code, _, err = _compare(capsys, "--out", str(out), "--methods", "linear_probe", "--no-isolate", *FAST)
+        _one_line(code, err, "error: another run (pid", f"is writing into {out}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        lock.release()
+
+
+def test_two_compares_started_at_once_on_one_out(tmp_path: Path) -> None:
+    """They used to both exit 0, the table keeping one of them; now one runs and the other is refused in one line."""
+    out = tmp_path / "cmp"
+    starter = ("import os, sys, time\n"
+               "from inflora_avalanche.run import cli, compare, loop, output\n"
+               "open(sys.argv[1], 'w').close()\n"
+               "while not os.path.exists(sys.argv[2]):\n"
+               "    time.sleep(0.002)\n"
+               "sys.exit(cli.main(sys.argv[3:]))\n")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / f"ready{i}"), str(go), "compare",
+                               "--out", str(out), "--methods", method, "--no-isolate", *FAST],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for i, method in enumerate(("linear_probe", "naive"))]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert sorted(proc.returncode for proc in procs) == [0, 2], errors
+    winner = next(m for m, proc in zip(("linear_probe", "naive"), procs) if proc.returncode == 0)
+    refused = next(e for proc, e in zip(procs, errors) if proc.returncode == 2)
+    _one_line(2, refused, "another run (pid", f"is writing into {out}")
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [(winner, "ok")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["comparison.json", "comparison.md", "curves.png", winner])
+
+
+def test_compare_export_gives_each_method_its_own_folder(tmp_path: Path, capsys) -> None:
+    """Every method used to export into the same seed<N>/after_exp<t>/ folders, the last replacing the others."""
+    from safetensors.torch import load_file
+
+    out, export = tmp_path / "cmp", tmp_path / "exports"
+    args = ["--out", str(out), "--export", str(export), "--methods", "inflora", "seq_lora", "linear_probe",
+            "--no-isolate", *FAST]
+    code, _, err = _compare(capsys, *args)
+    assert code == 0, err
+    assert sorted(p.name for p in export.iterdir()) == ["inflora", "seq_lora"]  # the probe has nothing to export
+    weights = {}
+    for method in ("inflora", "seq_lora"):
+        for t in (1, 2):
+            assert (export / method / "seed0" / f"after_exp{t}" / "config.json").is_file()
+        weights[method] = load_file(str(export / method / "seed0" / "after_exp2" / "model.safetensors"))
+        assert json.loads((out / method / "config.json").read_text())["export"] == str(export / method)
+    qkv = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(weights["inflora"][qkv], weights["seq_lora"][qkv])  # two trainings, not one export twice
+    before = {p: p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    # the same --export for another comparison: refused before anything runs, the exports untouched
+    code, _, err = _compare(capsys, *args[:1], str(tmp_path / "other"), *args[2:])
+    _one_line(code, err, f"--export {export / 'inflora'} already holds exported models")
+    assert not (tmp_path / "other").exists()
+    assert {p: p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
+    # --export with no method that exports: one line
+    code, _, err = _compare(capsys, "--out", str(tmp_path / "x"), "--export", str(tmp_path / "e"), "--methods",
+                            "naive", *FAST)
+    _one_line(code, err, "--export applies to inflora", "none of which is in --methods")
+
+
+# --------------------------------------------------------------------------------------------------- Ctrl-C
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+
+
+def test_ctrl_c_during_compare_is_one_line_exit_130_and_keeps_finished_methods(tmp_path: Path, capsys) -> None:
+    """SIGINT while the second method runs (each in its own process): one line instead of a 17-line traceback; the
+    first method's results are kept, and --resume finishes the comparison without training it again."""
+    out = tmp_path / "cmp"
+    argv = ["--out", str(out), "--methods", "linear_probe", "inflora", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "inflora_avalanche", "compare", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    _wait_for(out / "linear_probe" / "results.json", proc)
+    _wait_for(out / "inflora" / "config.json", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    _one_line(proc.returncode, err, "interrupted during inflora; kept in", "the results of linear_probe",
+              "pass --resume with the same --out", exit_code=130)
+    assert not (out / "comparison.md").exists() and not (out / ".inflora-run.lock").exists()
+    finished = json.loads((out / "linear_probe" / "results.json").read_text())
+
+    code, _, err = _compare(capsys, *argv, "--resume", "--no-isolate")
+    assert code == 0, err
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("linear_probe", "ok"), ("inflora", "ok")]
+    assert json.loads((out / "linear_probe" / "results.json").read_text())["seeds"] == finished["seeds"]
+
+
+def test_ctrl_c_before_any_method_finished_removes_what_compare_made(tmp_path: Path, capsys, monkeypatch) -> None:
+    from inflora_avalanche.run import loop
+
+    def interrupted(config, *args, **kwargs):
+        Path(config["out"]).mkdir(parents=True)  # as the run does, and takes back (no experience had finished)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run_experiment", interrupted)
+    out = tmp_path / "new" / "cmp"
+    code, _, err = _compare(capsys, "--out", str(out), "--methods", "linear_probe", "inflora", "--no-isolate", *FAST)
+    _one_line(code, err, f"interrupted during linear_probe, before any method had finished an experience: nothing to "
+                         f"resume, so {out} was removed again", exit_code=130)
+    assert not (tmp_path / "new").exists()

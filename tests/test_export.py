@@ -364,3 +364,53 @@ def test_the_preprocessing_the_model_was_trained_with_travels_with_the_export(tr
     assert list(default["pretrained_cfg"]["mean"]) != [0.0, 0.0, 0.0]  # the backbone's own, without data_config
     with pytest.raises(ValueError, match="data_config keys"):
         export_timm_checkpoint(model, tmp_path / "bad", timm_kwargs=TINY, data_config={"normalize": False})
+
+
+def _one_task(model):
+    model.start_task([0, 1])
+    model.finish_task()
+    return model
+
+
+def test_export_says_where_the_backbone_weights_came_from(tmp_path):
+    """timm keeps the published weights' tag and licence in pretrained_cfg also for a random or locally loaded
+    backbone; an export used to carry them as if it had started from those weights."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from inflora_avalanche.backbone import weights_source
+
+    published = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
+    assert published["tag"] and published["license"]  # what must not be claimed below
+    provenance = ("tag", "license", "origin_url", "paper_ids", "description")
+
+    torch.manual_seed(0)
+    random_init = export_timm_checkpoint(_one_task(InfLoRAViT("vit_tiny_patch16_224", rank=4, **TINY)),
+                                         tmp_path / "random", timm_kwargs=TINY)
+    assert random_init["backbone_weights"] == {"kind": "random init"}
+    assert not any(k in random_init["pretrained_cfg"] for k in provenance)
+
+    weights = tmp_path / "local.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY).state_dict(), weights)
+    local = export_timm_checkpoint(_one_task(InfLoRAViT("vit_tiny_patch16_224", rank=4, checkpoint_path=weights,
+                                                        **TINY)), tmp_path / "local", timm_kwargs=TINY)
+    assert local["backbone_weights"] == {"kind": "file", "path": str(weights.resolve()), "size": weights.stat().st_size,
+                                         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert not any(k in local["pretrained_cfg"] for k in provenance)
+    assert json.loads((tmp_path / "local" / "config.json").read_text()) == local  # what the file holds
+
+    module = InfLoRAViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY), rank=4)
+    unknown = export_timm_checkpoint(_one_task(module), tmp_path / "module", timm_kwargs=TINY)
+    assert unknown["backbone_weights"] == {"kind": "unknown"}
+    assert not any(k in unknown["pretrained_cfg"] for k in provenance)
+
+    # timm's published weights (recorded as create_backbone(pretrained=True) records them; no download here)
+    model = _one_task(InfLoRAViT("vit_tiny_patch16_224", rank=4, **TINY))
+    model.backbone.weights_source = weights_source("vit_tiny_patch16_224", model.backbone, True, None)
+    hub = export_timm_checkpoint(model, tmp_path / "hub", timm_kwargs=TINY)
+    assert hub["backbone_weights"]["kind"] == "pretrained"
+    assert hub["backbone_weights"]["name"] == f"vit_tiny_patch16_224.{published['tag']}"
+    assert (hub["pretrained_cfg"]["tag"], hub["pretrained_cfg"]["license"]) == (published["tag"], published["license"])
+    for folder in ("random", "local", "module", "hub"):
+        load_exported(tmp_path / folder)  # timm still loads every one

@@ -91,10 +91,10 @@ def test_writers_that_need_a_path_get_one_in_the_same_folder(tmp_path):
 
 
 def test_package_writers_use_the_one_atomic_write(tmp_path, monkeypatch):
-    """Checkpoints, results JSON, split manifests and cache entries all go through io.atomic_write."""
+    """Checkpoints, results JSON and split manifests all go through io.atomic_write."""
     import torch
 
-    from inflora_avalanche import cached_folder, checkpoint, export
+    from inflora_avalanche import checkpoint, export
     from inflora_avalanche.run import output
     from inflora_avalanche.streams import folder
 
@@ -106,15 +106,12 @@ def test_package_writers_use_the_one_atomic_write(tmp_path, monkeypatch):
         calls.append(Path(path).name)
         real(path, write, fsync)
 
-    for module in (io, checkpoint, cached_folder):
+    for module in (io, checkpoint):
         monkeypatch.setattr(module, "atomic_write", spy)
     checkpoint.save_checkpoint(tmp_path / "checkpoint.safetensors", {"t": torch.ones(2)})
     output.write_json(tmp_path / "results.json", {"a": 1})
     folder.write_manifest(tmp_path / "split.json", tmp_path, ["c"], [(str(tmp_path / "c" / "1.png"), 0)], [])
-    cache = cached_folder.ResizeCache(tmp_path / "cache", 3)
-    cache.load(_image(tmp_path / "img.png"))
-    assert calls[:3] == ["checkpoint.safetensors", "results.json", "split.json"]
-    assert calls[3].endswith(".npy") and len(calls) == 4
+    assert calls == ["checkpoint.safetensors", "results.json", "split.json"]
     assert checkpoint.load_checkpoint(tmp_path / "checkpoint.safetensors")["t"].tolist() == [1.0, 1.0]
     assert _leftovers(tmp_path) == []
 
@@ -158,8 +155,7 @@ def test_list_images_and_scan_class_folders_agree(tmp_path):
 
 
 def test_every_reader_reads_the_same_files(tmp_path):
-    """The folder streams, CachedImageFolder and the scripts' loaders list the same images in the same order."""
-    from inflora_avalanche.cached_folder import CachedImageFolder
+    """The folder streams and the scripts' loaders list the same images in the same order."""
     from inflora_avalanche.streams import folder_split
     from inflora_avalanche.streams import folder as stream_folder
 
@@ -167,9 +163,7 @@ def test_every_reader_reads_the_same_files(tmp_path):
     names, files = scan_class_folders(root)
     expected = [(f, label) for label, n in enumerate(names) for f in files[n]]
     assert stream_folder.scan_class_folders is scan_class_folders and stream_folder.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS
-    cached = CachedImageFolder.from_folder(root)
-    assert [(str(p), y) for p, y in cached.samples] == expected
-    assert [Path(p).name for p, _ in cached.samples] == ["x.PNG", "n01_0.JPEG", "n01_1.webp", "a.Jpeg", "b.jpg"]
+    assert [Path(p).name for p, _ in expected] == ["x.PNG", "n01_0.JPEG", "n01_1.webp", "a.Jpeg", "b.jpg"]
     split_names, train, test, _ = folder_split(root, test_fraction=0.4, split_seed=0)
     assert split_names == names and sorted(train + test) == sorted(expected)
 
@@ -199,7 +193,6 @@ def test_scan_errors_name_the_folder(tmp_path):
 
 @pytest.mark.parametrize("content", [b"garbage", b"\x89PNG\r\n\x1a\n not really a png", b"\xff\xd8 truncated"])
 def test_corrupt_image_raises_image_load_error_with_the_path(tmp_path, content):
-    from inflora_avalanche.cached_folder import CachedImageFolder, ResizeCache
     from inflora_avalanche.streams import ImageFileDataset
     from inflora_avalanche.streams import ImageLoadError as StreamsImageLoadError
 
@@ -210,13 +203,12 @@ def test_corrupt_image_raises_image_load_error_with_the_path(tmp_path, content):
     with pytest.raises(ImageLoadError) as info:
         open_rgb(bad)
     message = str(info.value)
-    assert message.startswith(f"cannot read image {bad} (") and message.endswith("replace or delete the file")
+    assert message.startswith(f"cannot read image {bad} (")
+    assert message.endswith("; replace it with a readable image under the same name (deleting it changes the "
+                            "train/test split, which --resume of a run on this data refuses)")
     # every reader raises the same error
-    for read in (lambda: ImageFileDataset([(str(bad), 0)])[0], lambda: CachedImageFolder.from_folder(tmp_path)[0],
-                 lambda: ResizeCache(tmp_path / "cache", 3).load(bad)):
-        with pytest.raises(ImageLoadError, match="broken.jpg"):
-            read()
-    assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing cached for a file that failed
+    with pytest.raises(ImageLoadError, match="broken.jpg"):  # the stream's dataset raises the same error
+        ImageFileDataset([(str(bad), 0)])[0]
 
 
 def test_io_does_not_import_torch():

@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from ..methods import EXPORT, get_method, methods_with
 from ..results import average_forgetting, mean_std
 from . import config as C
+from .interrupts import NOTHING_WRITTEN, WRITING, interrupts_not_lost
 from . import presets as P
 from .preflight import check_resume_checkpoint
 from .options import (PROG, Parser, add_config_flag, add_field_flags, check_launch, config_file_values, fail,
@@ -123,7 +125,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if any(row["status"] == "ok" for row in rows):  # no legend (and no matplotlib warning) for an empty plot
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -165,15 +168,33 @@ def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
     if "demo" in overrides or file_values.get("demo"):
         raise C.ConfigError("compare runs a preset's stream (default synthetic_smoke, offline); --demo is for run")
     out = Path(out).expanduser()
+    export_value = overrides.get("export") or file_values.get("export")
+    export = Path(export_value).expanduser() if export_value else None
+    if export is not None and export.exists() and not export.is_dir():
+        raise C.ConfigError(f"--export {export} is a file; give a folder (each method's exports go to "
+                            f"{export}/<method>/)")
+    if export is not None and not any(get_method(m).has(EXPORT) for m in args.methods):
+        raise C.ConfigError(f"--export applies to {', '.join(methods_with(EXPORT))}, none of which is in --methods: "
+                            "drop --export or add one of them")
     configs = {}
     for method in args.methods:
-        configs[method] = P.layered_config(preset, method, {**overrides, "out": str(out / method)}, file_values)
+        method_overrides = {**overrides, "out": str(out / method)}
+        if export is not None:
+            # one folder per method: the same seed<N>/after_exp<t>/ names of two methods must not replace each other
+            method_overrides["export"] = str(export / method) if get_method(method).has(EXPORT) else None
+        configs[method] = P.layered_config(preset, method, method_overrides, file_values)
     return args, configs
 
 
 def _run_isolated(config: dict, out: Path) -> tuple[int, str]:
     """``inflora-avalanche run`` on ``config`` (written as a preset file) in a fresh process; (exit code, last
-    error line)."""
+    error line).
+
+    The child runs in its own process group, so that a Ctrl-C at the terminal reaches only this process, which
+    passes it on once (two deliveries could interrupt the child while it takes back what it wrote) and waits for it:
+    what the child kept is then on disk for this process's one line."""
+    import signal
+
     method = config["method"]
     preset_file = out / "configs" / f"{method}.json"
     preset_file.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +202,13 @@ def _run_isolated(config: dict, out: Path) -> tuple[int, str]:
     # `compare --resume --no-isolate` is refused as a run of another preset.
     preset_file.write_text(json.dumps(config, indent=1))
     command = [sys.executable, "-m", "inflora_avalanche", "run", "--preset", str(preset_file)]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    _, err = proc.communicate()
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, process_group=0)
+    try:
+        _, err = proc.communicate()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate()  # the child takes back what it wrote before its first checkpoint, or keeps the checkpoint
+        raise
     sys.stderr.write(err)
     lines = [line for line in err.splitlines() if line.strip()]
     errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
@@ -203,40 +229,103 @@ def _run_here(config: dict) -> tuple[int, str]:
 
 
 def compare_main(argv: Sequence[str]) -> int:
+    """``compare``: the exit code (2 for user errors, 1 when a method crashed or none ran, 130 on Ctrl-C)."""
+    try:
+        with interrupts_not_lost(exit_if_nothing_written=True):
+            return _compare(argv)
+    except KeyboardInterrupt as stop:  # Ctrl-C at any point: one line, no traceback
+        note = getattr(stop, "inflora_note", None) or NOTHING_WRITTEN
+        sys.stderr.write(f"interrupted {note}\n")
+        sys.stderr.flush()
+        return 130
+
+
+def _has_entries(folder: Path) -> bool:
+    from .output import LOCK_NAME
+
+    return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def check_output(out: Path, configs: dict[str, dict]) -> None:
+    """Before anything runs: ``out`` is writable and no other comparison writes into it, holds no comparison or
+    method run unless ``--resume``/``--overwrite``, and every method's run and export folder passes the runner's
+    own checks (so that no method is refused after others have run)."""
+    from .output import OutputLock, _check_folder, check_export_dir, prepare_output_dir
+
+    first = next(iter(configs.values()))
+    _check_folder(out, "--out")
+    OutputLock(out).check_free()
+    for name in ("comparison.md", "comparison.json"):
+        if (out / name).exists() and not (first["overwrite"] or first["resume"]):
+            raise C.ConfigError(f"{out} already holds a comparison ({name}); choose another --out, pass --resume to "
+                                "finish it or --overwrite to run it anew")
+    if not (first["overwrite"] or first["resume"]):
+        taken = [m for m, c in configs.items() if _has_entries(Path(c["out"]))]
+        if taken:
+            raise C.ConfigError(f"{out} already holds runs of {', '.join(taken)}; choose another --out, pass --resume "
+                                "to finish them or --overwrite to run them anew")
+    for config in configs.values():
+        prepare_output_dir(config)
+        check_export_dir(config)
+
+
+def _compare(argv: Sequence[str]) -> int:
     try:
         args, configs = method_configs(argv)
         for config in configs.values():
             check_launch(config)
             # before any method runs: a --resume that one of them would refuse must not rewrite the table
             check_resume_checkpoint(config, Path(config["out"]).expanduser())
+        first = next(iter(configs.values()))
+        out = Path(first["out"]).parent
+        check_output(out, configs)
     except C.ConfigError as err:
         fail(str(err))
-    first = next(iter(configs.values()))
-    out = Path(first["out"]).parent
-    for name in ("comparison.md", "comparison.json"):
-        if (out / name).exists() and not (first["overwrite"] or first["resume"]):
-            fail(f"{out} already holds a comparison ({name}); choose another --out, pass --resume to finish it or "
-                 "--overwrite to run it anew")
-    if not (first["overwrite"] or first["resume"]):
-        taken = [m for m, c in configs.items() if Path(c["out"]).is_dir() and any(Path(c["out"]).iterdir())]
-        if taken:
-            fail(f"{out} already holds runs of {', '.join(taken)}; choose another --out, pass --resume to finish "
-                 "them or --overwrite to run them anew")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for method, config in configs.items():
-        label = P.method_label(method)
-        print(f"== {label} ({method}) -> {config['out']}", flush=True)
-        code, reason = _run_isolated(config, out) if args.isolate else _run_here(config)
-        results_path = Path(config["out"]) / "results.json"
-        results = json.loads(results_path.read_text()) if code == 0 and results_path.is_file() else None
-        status = "ok" if results else ("n/a" if code == 2 else "error")
-        if status != "ok":
-            print(f"   {status}: {reason}", flush=True)
-        runs.append({"method": method, "label": label, "status": status, "reason": reason or None,
-                     "results": results})
-    rows = aggregate_rows(runs)
-    write_comparison(out, rows, runs, first, argv, isolated=args.isolate)
+    from .output import OutputLock, discard_new_entries, make_folders, missing_folders, remove_empty_folders
+
+    missing = missing_folders(out)  # --out and its parents that this comparison makes
+    before = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    lock = OutputLock(out)
+    runs: list[dict] = []
+    current: Optional[str] = None
+    discard = False
+    WRITING.set()
+    try:
+        make_folders(missing)
+        lock.acquire()
+        if lock.stale_note:
+            print(lock.stale_note, flush=True)
+        for method, config in configs.items():
+            label = P.method_label(method)
+            print(f"== {label} ({method}) -> {config['out']}", flush=True)
+            current = method
+            code, reason = _run_isolated(config, out) if args.isolate else _run_here(config)
+            current = None
+            results_path = Path(config["out"]) / "results.json"
+            results = json.loads(results_path.read_text()) if code == 0 and results_path.is_file() else None
+            status = "ok" if results else ("n/a" if code == 2 else "error")
+            if status != "ok":
+                print(f"   {status}: {reason}", flush=True)
+            runs.append({"method": method, "label": label, "status": status, "reason": reason or None,
+                         "results": results})
+        rows = aggregate_rows(runs)
+        write_comparison(out, rows, runs, first, argv, isolated=args.isolate)
+    except C.ConfigError as err:  # the lock was taken by a comparison that started at the same moment
+        discard = True
+        fail(str(err))
+    except KeyboardInterrupt as stop:
+        kept = [m for m, c in configs.items() if _has_entries(Path(c["out"]))]
+        discard = not kept and not first["resume"]
+        stop.inflora_note = _interrupt_note(  # type: ignore[attr-defined]  (read by compare_main)
+            out, configs, runs, current, kept, out in missing)
+        raise
+    finally:
+        if discard and lock.held:
+            discard_new_entries(out, before)
+        lock.release()
+        if discard:
+            remove_empty_folders(missing)
+        WRITING.clear()
     # not applicable (e.g. b5 on a shallow backbone) is a result of the table; a crash or nothing run is a failure
     failed = [r["method"] for r in runs if r["status"] == "error"]
     if failed or not any(r["status"] == "ok" for r in runs):
@@ -244,6 +333,29 @@ def compare_main(argv: Sequence[str]) -> int:
         sys.stderr.write(f"error: not every method ran ({problems}); the table says which\n")
         return 1
     return 0
+
+
+def _interrupt_note(out: Path, configs: dict, runs: list, current: Optional[str], kept: list, made_out: bool) -> str:
+    """What an interrupted comparison kept, for its one line (after "interrupted "): read from the method folders,
+    where each interrupted run has taken back what it wrote or kept its checkpoint."""
+    from .resume import CHECKPOINT_NAME
+
+    where = f"during {current}" if current else ("before the first method" if not runs else "between methods")
+    if not kept:
+        return (f"{where}, before any method had finished an experience: nothing to resume, so "
+                + (f"{out} was removed again" if made_out else f"what the comparison had added to {out} was removed"))
+    finished = [r["method"] for r in runs if r["status"] == "ok"]
+    parts = []
+    if finished:
+        parts.append(f"the results of {', '.join(finished)}")
+    if current and current in kept:
+        parts.append(f"{current}'s checkpoint after its last finished experience"
+                     if (Path(configs[current]["out"]) / CHECKPOINT_NAME).exists() else f"{current}'s logs")
+    others = [m for m in kept if m not in finished and m != current]
+    if others:
+        parts.append(f"the runs of {', '.join(others)}")
+    return (f"{where}; kept in {out}: {'; '.join(parts)}; pass --resume with the same --out to finish the comparison "
+            "(finished methods are not trained again)")
 
 
 def machine_description(config: dict) -> str:

@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from typing import Any, Iterator
 
 NOTHING_WRITTEN = "before anything was written"
+#: Set while a command other than a run (``compare``) has something in its output folder to take back or keep.
+WRITING = threading.Event()
 
 
 def _unsafe_for_interrupts(frame: Any) -> bool:
@@ -29,7 +32,9 @@ def _unsafe_for_interrupts(frame: Any) -> bool:
 
 
 def _nothing_written() -> bool:
-    """No run of this process has anything in an output folder to take back (see ``loop.WRITING``)."""
+    """No run or comparison of this process has anything in an output folder to take back (see ``loop.WRITING``)."""
+    if WRITING.is_set():
+        return False
     writing = getattr(sys.modules.get(f"{__package__}.loop"), "WRITING", None)  # None: not (fully) imported yet
     return writing is None or not writing.is_set()
 
@@ -47,7 +52,6 @@ def interrupts_not_lost(exit_if_nothing_written: bool = False) -> Iterator[None]
     place (not when SIGINT is ignored), and never after this block has ended."""
     import _thread
     import signal
-    import threading
 
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
