@@ -108,12 +108,18 @@ def scheduler_kind(scheduler: Any) -> str:
     """``"timm"`` (``step(epoch)`` and ``step_update(num_updates)``) or ``"torch"`` (``step()``); anything else is
     refused in one line (a factory that forgot its ``return`` gives ``None``; the optimiser itself, or a scheduler
     class not yet called, has a ``step`` too)."""
+    from timm.scheduler import PlateauLRScheduler
+
+    if isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, PlateauLRScheduler)):
+        raise ValueError(f"{type(scheduler).__name__} steps on a validation metric, which the strategy does not "
+                         "compute between epochs: use a schedule over epochs")
     step = getattr(scheduler, "step", None)
     if callable(step) and not isinstance(scheduler, (type, torch.optim.Optimizer)):
         return "timm" if callable(getattr(scheduler, "step_update", None)) else "torch"
+    got = f"the class {scheduler.__name__} itself" if isinstance(scheduler, type) else type(scheduler).__name__
     raise ValueError(f"scheduler_factory must return a scheduler (torch's LRScheduler with step(), or timm's with "
-                     f"step(epoch) and step_update(num_updates)), got {type(scheduler).__name__}; for a constant rate "
-                     "use lr_schedule='constant'")
+                     f"step(epoch) and step_update(num_updates)), got {got}; for a constant rate use "
+                     "lr_schedule='constant'")
 
 
 def optimizer_factory(name: str = "adam", betas: Optional[Sequence[float]] = None, momentum: float = 0.9,

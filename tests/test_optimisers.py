@@ -13,7 +13,7 @@ from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmar
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, PlateauLRScheduler, StepLRScheduler
 
 from conftest import SyntheticImages, tiny_vit
 from inflora_avalanche import InfLoRAStrategy, InfLoRAViT
@@ -96,12 +96,18 @@ def test_timm_step_scheduler_and_torch_schedulers_keep_their_own_conventions():
     assert recorder.iterations[0][:3] == [1e-3] * 3  # a torch scheduler is not stepped per iteration
 
 
-@pytest.mark.parametrize("factory", [lambda o, e: None, lambda o, e: "cosine", lambda o, e: o,
-                                     lambda o, e: CosineLRScheduler, lambda o, e: torch.optim.lr_scheduler.StepLR],
-                         ids=["None", "a name", "the optimiser", "timm class", "torch class"])
-def test_a_factory_that_returns_no_scheduler_is_refused_before_training(factory):
+@pytest.mark.parametrize("factory, match", [
+    (lambda o, e: None, "scheduler_factory must return a scheduler .* got NoneType"),
+    (lambda o, e: "cosine", "scheduler_factory must return a scheduler .* got str"),
+    (lambda o, e: o, "scheduler_factory must return a scheduler .* got Adam"),
+    (lambda o, e: CosineLRScheduler, "must return a scheduler .* got the class CosineLRScheduler itself"),
+    (lambda o, e: torch.optim.lr_scheduler.StepLR, "must return a scheduler .* got the class StepLR itself"),
+    (lambda o, e: torch.optim.lr_scheduler.ReduceLROnPlateau(o), "ReduceLROnPlateau steps on a validation metric"),
+    (lambda o, e: PlateauLRScheduler(o), "PlateauLRScheduler steps on a validation metric"),
+], ids=["None", "a name", "the optimiser", "timm class", "torch class", "torch plateau", "timm plateau"])
+def test_a_factory_that_returns_no_epoch_scheduler_is_refused_before_training(factory, match):
     recorder = LrRecorder()
-    with pytest.raises(ValueError, match="scheduler_factory must return a scheduler") as err:
+    with pytest.raises(ValueError, match=match) as err:
         train(recorder, scheduler_factory=factory)
     assert "\n" not in str(err.value)
     assert recorder.iterations == []  # refused before the plugins' before_training_exp: nothing trained

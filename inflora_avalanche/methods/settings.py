@@ -114,7 +114,7 @@ def check_optimiser(config: dict) -> None:
 
 
 OPTIMISER = Settings("optimiser and schedule", (
-    _m("betas", "floats", None, "betas of an optimiser that takes them (default: its own; adam's are 0.9 0.999)",
+    _m("betas", "floats", None, "betas of an optimiser that takes them (unset: its own; adam's are 0.9 0.999)",
        nullable=True),
     _m("momentum", "float", 0.9, "momentum of sgd (and of timm optimisers that take one)", minimum=0),
     _m("weight_decay", "float", 0.0, "weight decay", minimum=0),
