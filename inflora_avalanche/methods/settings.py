@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..optimizer_names import check_optimizer_name, number_of_betas
+from ..optimizer_names import OPTIMIZERS, check_optimizer_name, number_of_betas, takers, takes_momentum
 from ..schema import ConfigError, Field, names
 
 
@@ -111,6 +111,19 @@ def check_optimiser(config: dict) -> None:
     if not c["warmup_factor"] <= 1:
         raise ConfigError(f"--warmup-factor must be in [0, 1] (the lr multiplier of the first warmup epoch), got "
                           f"{c['warmup_factor']}")
+
+
+def check_optimiser_flags(config: dict, explicit: set) -> None:
+    """Optimiser flags the user gave that the chosen optimiser or schedule would not read are refused, not ignored."""
+    optimizer = config["optimizer"]
+    if "momentum" in explicit and optimizer in OPTIMIZERS and not takes_momentum(optimizer):
+        raise ConfigError(f"--momentum applies to --optimizer sgd, not {optimizer}: drop one of them (of timm's "
+                          f"optimisers, {', '.join(takers('momentum')[1:5])}, ... take one too)")
+    if "betas" in explicit and optimizer in OPTIMIZERS and not number_of_betas(optimizer):
+        raise ConfigError(f"--betas apply to --optimizer adam, not {optimizer}: drop one of them (of timm's "
+                          f"optimisers, {', '.join(takers('betas')[1:5])}, ... take them too)")
+    if "warmup_factor" in explicit and not config["warmup_epochs"]:
+        raise ConfigError("--warmup-factor applies to a warmup: add --warmup-epochs N or drop --warmup-factor")
 
 
 OPTIMISER = Settings("optimiser and schedule", (

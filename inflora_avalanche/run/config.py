@@ -15,8 +15,7 @@ from typing import Any, Optional
 
 from .. import streams as S
 from ..methods import DIAGNOSTICS, EXPORT, REGISTRY, SCHEDULES, methods_with, setting_groups, setting_owners
-from ..methods.settings import check_plain_training  # noqa: F401  (re-exported)
-from ..optimizer_names import OPTIMIZERS, number_of_betas, takers, takes_momentum
+from ..methods.settings import check_optimiser_flags, check_plain_training  # noqa: F401  (re-exported)
 from ..schema import KIND_CHECKS, ConfigError, Field, check_value, names  # noqa: F401  (re-exported)
 
 _F = Field
@@ -239,15 +238,7 @@ def check_conflicts(config: dict, explicit: set) -> None:
             raise ConfigError(f"{FIELD_BY_NAME[key].flag} and {flags} were both given, but {why}: drop {flags}")
     if "milestones" in explicit and config["lr_schedule"] != "step":
         raise ConfigError(f"--milestones apply to --lr-schedule step, not {config['lr_schedule']}: drop one of them")
-    optimizer = config["optimizer"]
-    if "momentum" in explicit and optimizer in OPTIMIZERS and not takes_momentum(optimizer):
-        raise ConfigError(f"--momentum applies to --optimizer sgd, not {optimizer}: drop one of them (of timm's "
-                          f"optimisers, {', '.join(takers('momentum')[1:5])}, ... take one too)")
-    if "betas" in explicit and optimizer in OPTIMIZERS and not number_of_betas(optimizer):
-        raise ConfigError(f"--betas apply to --optimizer adam, not {optimizer}: drop one of them (of timm's "
-                          f"optimisers, {', '.join(takers('betas')[1:5])}, ... take them too)")
-    if "warmup_factor" in explicit and not config["warmup_epochs"]:
-        raise ConfigError("--warmup-factor applies to a warmup: add --warmup-epochs N or drop --warmup-factor")
+    check_optimiser_flags(config, explicit)
 
 
 def check_method_settings(config: dict, explicit: set) -> None:
