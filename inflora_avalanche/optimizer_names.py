@@ -68,8 +68,3 @@ def number_of_betas(name: str) -> int:
 def takes_momentum(name: str) -> bool:
     return OPTIMIZER_ARGS[name][1]
 
-
-def takers(what: str) -> list[str]:
-    """The optimisers that take ``"betas"`` or ``"momentum"`` (for messages)."""
-    index = 0 if what == "betas" else 1
-    return [n for n, args in OPTIMIZER_ARGS.items() if args[index]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..optimizer_names import OPTIMIZERS, check_optimizer_name, number_of_betas, takers, takes_momentum
+from ..optimizer_names import OPTIMIZERS, check_optimizer_name, number_of_betas, takes_momentum
 from ..schema import ConfigError, Field, names
 
 
@@ -118,10 +118,10 @@ def check_optimiser_flags(config: dict, explicit: set) -> None:
     optimizer = config["optimizer"]
     if "momentum" in explicit and optimizer in OPTIMIZERS and not takes_momentum(optimizer):
         raise ConfigError(f"--momentum applies to --optimizer sgd, not {optimizer}: drop one of them (of timm's "
-                          f"optimisers, {', '.join(takers('momentum')[1:5])}, ... take one too)")
+                          "optimisers, nesterov, momentum, lars, rmsprop, ... take one too)")
     if "betas" in explicit and optimizer in OPTIMIZERS and not number_of_betas(optimizer):
         raise ConfigError(f"--betas apply to --optimizer adam, not {optimizer}: drop one of them (of timm's "
-                          f"optimisers, {', '.join(takers('betas')[1:5])}, ... take them too)")
+                          "optimisers, adamw, lamb, lion, nadam, ... take them too)")
     if "warmup_factor" in explicit and not config["warmup_epochs"]:
         raise ConfigError("--warmup-factor applies to a warmup: add --warmup-epochs N or drop --warmup-factor")
 
