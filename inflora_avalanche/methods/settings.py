@@ -104,7 +104,7 @@ def check_optimiser(config: dict) -> None:
         wanted = number_of_betas(c["optimizer"]) or 2
         if len(betas) != wanted or not all(0 <= b < 1 for b in betas):
             raise ConfigError(f"betas must be {wanted} numbers in [0, 1) for --optimizer {c['optimizer']}, got "
-                              f"{betas}")
+                              f"{betas}: give --betas with {wanted} numbers (or --set betas=null: its own)")
     if c["warmup_epochs"] and c["warmup_epochs"] >= c["epochs"]:
         raise ConfigError(f"--warmup-epochs {c['warmup_epochs']} must be below --epochs {c['epochs']} (the warmup "
                           "takes the first epochs of every task, then the schedule runs)")
