@@ -90,12 +90,18 @@ class LowRankStrategy(SupervisedTemplate):
     Args:
         model: a :class:`~inflora_avalanche.model.LowRankViT`.
         lr: learning rate of the branches (and of the head unless ``head_lr`` is set).
-        optimizer: ``"adam"`` (reference default, betas ``betas``) or ``"sgd"`` (``momentum``); or pass
-            ``optimizer_factory(param_groups) -> Optimizer`` to bring your own (it gets the branches' group and the
-            head's group with their ``lr``).
+        optimizer: ``"adam"`` (reference default, betas ``betas``, default ``(0.9, 0.999)``), ``"sgd"``
+            (``momentum``) or a timm optimiser name (``"adamw"``, ``"lamb"``, ``"lion"``, ...: built by
+            ``timm.optim.create_optimizer_v2`` with ``betas`` and ``momentum`` where it takes them; the list is
+            :data:`~inflora_avalanche.optimizer_names.OPTIMIZERS`); or pass ``optimizer_factory(param_groups) ->
+            Optimizer`` to bring your own (it gets the branches' group and the head's group with their ``lr``).
         lr_schedule: ``"cosine"`` (the reference's CosineSchedule), ``"annealing"`` (torch's CosineAnnealingLR),
-            ``"step"`` (x ``gamma`` at each of ``milestones`` epochs) or ``"constant"``; or pass
-            ``scheduler_factory(optimizer, epochs) -> scheduler``, stepped after every epoch of every task.
+            ``"step"`` (x ``gamma`` at each of ``milestones`` epochs) or ``"constant"``, after ``warmup_epochs``
+            epochs of linear warmup from ``warmup_factor`` x lr (:func:`~inflora_avalanche.training.with_warmup`;
+            0, the default: none); or pass ``scheduler_factory(optimizer, epochs) -> scheduler``, rebuilt for every
+            task: a torch ``LRScheduler`` is stepped (``step()``) after every epoch, a timm scheduler gets
+            ``step(epoch + 1)`` after every epoch and ``step_update(num_updates)`` after every optimiser step (both
+            counted from the task's start).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
         input_transform: ``f(x, training) -> x`` applied to each minibatch on the device before the model (batched
             augmentation on the accelerator); plugins' own passes use it too (:meth:`forward_context`).
@@ -116,13 +122,15 @@ class LowRankStrategy(SupervisedTemplate):
         model: LowRankViT,
         lr: float = 5e-4,
         optimizer: str = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: Optional[Sequence[float]] = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         head_lr: Optional[float] = None,
         lr_schedule: str = "cosine",
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
+        warmup_epochs: int = 0,
+        warmup_factor: float = 0.1,
         optimizer_factory: Optional[training.OptimizerFactory] = None,
         scheduler_factory: Optional[training.SchedulerFactory] = None,
         precision: str = "auto",
@@ -154,7 +162,12 @@ class LowRankStrategy(SupervisedTemplate):
         fused = True if torch.device(device).type == "cuda" else None
         self.optimizer_factory = optimizer_factory or training.optimizer_factory(
             optimizer, betas, momentum, weight_decay, fused)
-        self.scheduler_factory = scheduler_factory or training.epoch_scheduler(lr_schedule, milestones, gamma)
+        if scheduler_factory is not None and warmup_epochs:
+            raise ValueError("warmup_epochs applies to the built-in lr_schedule; with scheduler_factory put the warmup "
+                             "in your scheduler (e.g. timm's CosineLRScheduler(warmup_t=...))")
+        training.check_warmup(warmup_epochs, warmup_factor, train_epochs)
+        self.scheduler_factory = scheduler_factory or training.epoch_scheduler(lr_schedule, milestones, gamma,
+                                                                               warmup_epochs, warmup_factor)
         plugins = list(plugins or [])
         check_plugins(plugins, input_transform)
         self._reduction = check_criterion(criterion)
@@ -168,6 +181,8 @@ class LowRankStrategy(SupervisedTemplate):
         self.task_label_classes: dict[int, list[int]] = {}  # task label -> classes trained under it
         self._compiled: Optional[nn.Module] = None
         self.lr_scheduler: Optional[Any] = None
+        self._scheduler_kind = "torch"  # or "timm": how lr_scheduler is stepped (training.scheduler_kind)
+        self._task_epochs = self._task_updates = 0  # epochs and optimiser steps of the current task (timm's counts)
         self._local_targets: Optional[torch.Tensor] = None  # per label: its index in its own task's head
         self._current_targets: Optional[torch.Tensor] = None  # per label: its index among the trained columns
         self._current_columns: Optional[torch.Tensor] = None
@@ -264,6 +279,8 @@ class LowRankStrategy(SupervisedTemplate):
         self.optimizer = self.optimizer_factory([{"params": params, "lr": self.head_lr if name == "head" else self.lr}
                                                  for name, params in groups.items()])
         self.lr_scheduler = self.scheduler_factory(self.optimizer, self.train_epochs)
+        self._scheduler_kind = training.scheduler_kind(self.lr_scheduler)
+        self._task_epochs = self._task_updates = 0
 
     # ----------------------------------------------------------------------------------------------- data
     def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Optional[bool] = None,
@@ -295,8 +312,18 @@ class LowRankStrategy(SupervisedTemplate):
 
     def _after_training_epoch(self, **kwargs: Any) -> None:
         if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+            self._task_epochs += 1
+            if self._scheduler_kind == "timm":
+                self.lr_scheduler.step(self._task_epochs)  # timm's train.py: step(epoch + 1) after each epoch
+            else:
+                self.lr_scheduler.step()
         super()._after_training_epoch(**kwargs)
+
+    def _after_update(self, **kwargs: Any) -> None:
+        if self.lr_scheduler is not None and self._scheduler_kind == "timm":
+            self._task_updates += 1
+            self.lr_scheduler.step_update(self._task_updates)  # a no-op unless its schedule counts updates
+        super()._after_update(**kwargs)
 
     # ----------------------------------------------------------------------------------------------- step
     def _compiled_model(self) -> Optional[nn.Module]:

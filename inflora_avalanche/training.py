@@ -1,9 +1,11 @@
-"""Training knobs any method can use, without Avalanche: per-epoch learning-rate schedules, optimiser and scheduler
-factories, and the autocast of a precision setting.
+"""Training knobs any method can use, without Avalanche: per-epoch learning-rate schedules (with an optional linear
+warmup), optimiser and scheduler factories, and the autocast of a precision setting.
 
 A scheduler from :func:`epoch_scheduler` is stepped once after every epoch; ``factor(e)`` is the learning-rate
 multiplier of epoch ``e`` (0-based). Strategies take ``optimizer_factory(param_groups) -> Optimizer`` and
-``scheduler_factory(optimizer, epochs) -> scheduler`` so users can bring their own.
+``scheduler_factory(optimizer, epochs) -> scheduler`` so users can bring their own: a torch ``LRScheduler``
+(``step()`` after every epoch) or a timm scheduler (``step(epoch)`` after every epoch, ``step_update(num_updates)``
+after every optimiser step; :func:`scheduler_kind` tells them apart).
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from functools import partial
-from typing import Callable, ContextManager, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 
-OPTIMIZERS = ("adam", "sgd")
+from .optimizer_names import OPTIMIZERS, OWN_OPTIMIZERS, check_optimizer_name, number_of_betas  # noqa: F401
+
 LR_SCHEDULES = ("cosine", "annealing", "step", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 
 
 def reference_cosine_factor(epoch: int, num_epochs: int) -> float:
@@ -58,27 +61,98 @@ def lr_factor(schedule: str, num_epochs: int, milestones: Sequence[int] = (), ga
     raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
-def epoch_scheduler(schedule: str = "cosine", milestones: Sequence[int] = (), gamma: float = 0.1) -> SchedulerFactory:
-    """A scheduler factory: ``factory(optimizer, epochs)`` gives a ``LambdaLR`` to step once after every epoch."""
+def with_warmup(factor: Callable[[int], float], warmup_epochs: int, warmup_factor: float) -> Callable[[int], float]:
+    """timm's warmup (``warmup_prefix=False``): over the first ``warmup_epochs`` epochs the multiplier rises linearly
+    from ``warmup_factor`` towards 1 (``warmup_factor + (1 - warmup_factor) e / N``); from epoch ``N`` on it is the
+    schedule's own ``factor(e)``, not shifted (the schedule counts from epoch 0; warmup overrides its first epochs)."""
+    if warmup_epochs == 0:
+        return factor
+
+    def warmed(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_factor + (1.0 - warmup_factor) * epoch / warmup_epochs
+        return factor(epoch)
+
+    return warmed
+
+
+def check_warmup(warmup_epochs: int, warmup_factor: float, epochs: Optional[int] = None) -> None:
+    """Warmup takes a whole number of epochs, fewer than a task has, and starts from a factor in [0, 1]."""
+    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be a whole number >= 0, got {warmup_epochs!r}")
+    if not 0.0 <= warmup_factor <= 1.0:
+        raise ValueError(f"warmup_factor (the lr multiplier of the first warmup epoch) must be in [0, 1], got "
+                         f"{warmup_factor!r}")
+    if epochs is not None and warmup_epochs and warmup_epochs >= epochs:
+        raise ValueError(f"warmup_epochs ({warmup_epochs}) must be below the epochs of a task ({epochs}): the "
+                         "schedule would never run")
+
+
+def epoch_scheduler(schedule: str = "cosine", milestones: Sequence[int] = (), gamma: float = 0.1,
+                    warmup_epochs: int = 0, warmup_factor: float = 0.1) -> SchedulerFactory:
+    """A scheduler factory: ``factory(optimizer, epochs)`` gives a ``LambdaLR`` to step once after every epoch, with
+    ``warmup_epochs`` epochs of linear warmup from ``warmup_factor`` x lr (:func:`with_warmup`; 0: none)."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    check_warmup(warmup_epochs, warmup_factor)
 
     def make(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, epochs, milestones, gamma))
+        check_warmup(warmup_epochs, warmup_factor, epochs)
+        factor = with_warmup(lr_factor(schedule, epochs, milestones, gamma), warmup_epochs, warmup_factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     return make
 
 
-def optimizer_factory(name: str = "adam", betas: Sequence[float] = (0.9, 0.999), momentum: float = 0.9,
+def scheduler_kind(scheduler: Any) -> str:
+    """``"timm"`` (``step(epoch)`` and ``step_update(num_updates)``) or ``"torch"`` (``step()``); anything else is
+    refused in one line (a factory that forgot its ``return`` gives ``None``; the optimiser itself, or a scheduler
+    class not yet called, has a ``step`` too)."""
+    from timm.scheduler import PlateauLRScheduler
+
+    if isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, PlateauLRScheduler)):
+        raise ValueError(f"{type(scheduler).__name__} steps on a validation metric, which the strategy does not "
+                         "compute between epochs: use a schedule over epochs")
+    step = getattr(scheduler, "step", None)
+    if callable(step) and not isinstance(scheduler, (type, torch.optim.Optimizer)):
+        return "timm" if callable(getattr(scheduler, "step_update", None)) else "torch"
+    got = f"the class {scheduler.__name__} itself" if isinstance(scheduler, type) else type(scheduler).__name__
+    raise ValueError(f"scheduler_factory must return a scheduler (torch's LRScheduler with step(), or timm's with "
+                     f"step(epoch) and step_update(num_updates)), got {got}; for a constant rate use "
+                     "lr_schedule='constant'")
+
+
+def optimizer_factory(name: str = "adam", betas: Optional[Sequence[float]] = None, momentum: float = 0.9,
                       weight_decay: float = 0.0, fused: Optional[bool] = None) -> OptimizerFactory:
-    """An optimiser factory: ``factory(param_groups)`` gives Adam (``betas``) or SGD (``momentum``)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    """An optimiser factory: ``factory(param_groups)`` gives the reference's Adam (``betas``, default
+    ``(0.9, 0.999)``), torch's SGD (``momentum``), or any other of :data:`OPTIMIZERS` through timm's
+    ``create_optimizer_v2`` (``betas`` if it takes them, default its own; ``momentum`` if it takes one). Each group
+    keeps its ``lr``."""
+    check_optimizer_name(name)
+    wanted = number_of_betas(name)
+    if betas is not None and not wanted:
+        raise ValueError(f"optimizer {name} takes no betas, got betas={tuple(betas)}; those that do: "
+                         "adam, adamw, lamb, lion, nadam, ...")
+    if betas is not None and len(betas) != wanted:
+        raise ValueError(f"optimizer {name} takes {wanted} betas, got {len(betas)}: {tuple(betas)}")
+
+    if name not in OWN_OPTIMIZERS:
+        import timm
+        from timm.optim import list_optimizers
+
+        if name not in list_optimizers():
+            raise ValueError(f"optimizer {name} is not in the installed timm {timm.__version__}: upgrade timm")
 
     def make(groups: list) -> torch.optim.Optimizer:
         if name == "adam":
-            return torch.optim.Adam(groups, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
-        return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay, fused=fused)
+            return torch.optim.Adam(groups, betas=tuple(betas or (0.9, 0.999)), weight_decay=weight_decay,
+                                    fused=fused)
+        if name == "sgd":
+            return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay, fused=fused)
+        from timm.optim import create_optimizer_v2
+
+        extra = {} if betas is None else {"betas": tuple(betas)}
+        return create_optimizer_v2(groups, opt=name, weight_decay=weight_decay, momentum=momentum, **extra)
 
     return make
 

@@ -271,7 +271,7 @@ def test_subspace_plugin_state_round_trip():
         ({"lamb": 0.95, "lame": 0.9}, "lame"),
         ({"memory": "ewc"}, "memory"),
         ({"rank": 32}, "rank"),
-        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"optimizer": "rmsprop_tf"}, "optimizer"),
         ({"precision": "fp8"}, "precision"),
         ({"lr": 0.0}, "learning rate"),
     ],

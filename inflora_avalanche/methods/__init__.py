@@ -30,14 +30,14 @@ RESUME = "resume"  # its strategy's state goes into the checkpoint after every e
 EXPORT = "export"  # its trained model merges into a plain timm model: --export
 DIAGNOSTICS = "diagnostics"  # subspace diagnostics per layer and task: --diagnostics
 TORCHRUN = "torchrun"  # trains data-parallel in several processes under torchrun
-SCHEDULES = "schedules"  # any --optimizer and --lr-schedule (the others train with a constant-rate Adam)
+SCHEDULES = "schedules"  # any --optimizer, --lr-schedule, warmup (the others train with a constant-rate Adam)
 JOINT = "joint"  # trains on the whole stream at once (the upper bound), evaluated once at the end
 CAPABILITIES = {
     RESUME: "--resume",
     EXPORT: "--export",
     DIAGNOSTICS: "--diagnostics",
     TORCHRUN: "torchrun",
-    SCHEDULES: "--optimizer/--lr-schedule other than adam/constant",
+    SCHEDULES: "--optimizer/--lr-schedule other than adam/constant, --warmup-epochs",
     JOINT: "joint training",
 }
 INFLORA_FAMILY = frozenset({RESUME, EXPORT, DIAGNOSTICS, TORCHRUN, SCHEDULES})

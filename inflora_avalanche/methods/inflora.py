@@ -113,17 +113,23 @@ def alignment_plugins(config: dict) -> list:
 
 def low_rank_strategy_kwargs(config: dict, evaluator: Any, plugins: list, device: str) -> dict:
     """The arguments of ``config`` that every :class:`~inflora_avalanche.strategy.LowRankStrategy` takes: learning
-    rates, optimiser and schedule, precision, batch sizes, epochs, device, plugins, evaluator, batched augmentation."""
+    rates, optimiser and schedule, precision, batch sizes, epochs, device, plugins, evaluator, batched augmentation.
+    ``betas`` go to an optimiser that takes them (a preset's Adam betas do not reach ``--optimizer sgd``)."""
+    from ..optimizer_names import number_of_betas
+
+    betas = config["betas"] if number_of_betas(config["optimizer"]) else None
     return dict(
         lr=scaled_lr(config, "lr"),
         optimizer=config["optimizer"],
-        betas=tuple(config["betas"]),
+        betas=None if betas is None else tuple(betas),
         momentum=config["momentum"],
         weight_decay=config["weight_decay"],
         head_lr=scaled_lr(config, "head_lr"),
         lr_schedule=config["lr_schedule"],
         milestones=config["milestones"],
         gamma=config["gamma"],
+        warmup_epochs=config["warmup_epochs"],
+        warmup_factor=config["warmup_factor"],
         precision=config["precision"],
         train_mb_size=config["batch_size"],
         train_epochs=config["epochs"],

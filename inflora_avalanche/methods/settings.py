@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..optimizer_names import OPTIMIZERS, check_optimizer_name, number_of_betas, takes_momentum
 from ..schema import ConfigError, Field, names
 
 
@@ -97,13 +98,52 @@ SDLORA = Settings("SD-LoRA", (
        "keep theirs)", resume="identity"),
 ))
 
+def check_optimiser(config: dict) -> None:
+    """A known optimiser name, as many betas as it takes, a warmup shorter than a task."""
+    c = config
+    try:
+        check_optimizer_name(c["optimizer"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    betas = c["betas"]
+    if betas is not None:
+        wanted = number_of_betas(c["optimizer"]) or 2
+        if len(betas) != wanted or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"betas must be {wanted} numbers in [0, 1) for --optimizer {c['optimizer']}, got "
+                              f"{betas}: give --betas with {wanted} numbers (or --set betas=null: its own)")
+    if c["warmup_epochs"] and c["warmup_epochs"] >= c["epochs"]:
+        raise ConfigError(f"--warmup-epochs {c['warmup_epochs']} must be below --epochs {c['epochs']} (the warmup "
+                          "takes the first epochs of every task, then the schedule runs)")
+    if not c["warmup_factor"] <= 1:
+        raise ConfigError(f"--warmup-factor must be in [0, 1] (the lr multiplier of the first warmup epoch), got "
+                          f"{c['warmup_factor']}")
+
+
+def check_optimiser_flags(config: dict, explicit: set) -> None:
+    """Optimiser flags the user gave that the chosen optimiser or schedule would not read are refused, not ignored."""
+    optimizer = config["optimizer"]
+    if "momentum" in explicit and optimizer in OPTIMIZERS and not takes_momentum(optimizer):
+        raise ConfigError(f"--momentum applies to --optimizer sgd, not {optimizer}: drop one of them (of timm's "
+                          "optimisers, nesterov, momentum, lars, rmsprop, ... take one too)")
+    if "betas" in explicit and optimizer in OPTIMIZERS and not number_of_betas(optimizer):
+        raise ConfigError(f"--betas apply to --optimizer adam, not {optimizer}: drop one of them (of timm's "
+                          "optimisers, adamw, lamb, lion, nadam, ... take them too)")
+    if "warmup_factor" in explicit and not config["warmup_epochs"]:
+        raise ConfigError("--warmup-factor applies to a warmup: add --warmup-epochs N or drop --warmup-factor")
+
+
 OPTIMISER = Settings("optimiser and schedule", (
-    _m("betas", "floats", [0.9, 0.999], "Adam betas"),
-    _m("momentum", "float", 0.9, "SGD momentum", minimum=0),
+    _m("betas", "floats", None, "betas of an optimiser that takes them (unset: its own; adam's are 0.9 0.999)",
+       nullable=True),
+    _m("momentum", "float", 0.9, "momentum of sgd (and of timm optimisers that take one)", minimum=0),
     _m("weight_decay", "float", 0.0, "weight decay", minimum=0),
     _m("milestones", "ints", [], "epochs at which the step schedule multiplies the lr by gamma"),
     _m("gamma", "float", 0.1, "factor of the step schedule", minimum=0),
-))
+    _m("warmup_epochs", "int", 0, "linear warmup over the first N epochs of every task, then --lr-schedule from "
+       "epoch N on (not shifted, as timm's warmup_t)", minimum=0),
+    _m("warmup_factor", "float", 0.1, "lr multiplier of the first warmup epoch; it rises linearly towards 1",
+       minimum=0),
+), check=check_optimiser)
 
 FINETUNE = Settings("full fine-tuning", (
     _m("backbone_lr", "float", None, "learning rate of the backbone", minimum=0, nullable=True),
@@ -131,6 +171,7 @@ def check_plain_training(config: dict) -> None:
     """Methods without the ``schedules`` capability (the fine-tuning and prompt baselines) train with a constant-rate
     Adam; other optimiser settings are refused, not ignored (at the command line, and again where their strategies
     are built)."""
-    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant":
-        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule "
-                          f"(got {config['optimizer']}, {config['lr_schedule']})")
+    if config["optimizer"] != "adam" or config["lr_schedule"] != "constant" or config["warmup_epochs"]:
+        raise ConfigError(f"{config['method']} trains with Adam at a constant rate; drop --optimizer/--lr-schedule/"
+                          f"--warmup-epochs (got {config['optimizer']}, {config['lr_schedule']}, warmup "
+                          f"{config['warmup_epochs']})")

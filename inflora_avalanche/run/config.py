@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .. import streams as S
 from ..methods import DIAGNOSTICS, EXPORT, REGISTRY, SCHEDULES, methods_with, setting_groups, setting_owners
-from ..methods.settings import check_plain_training  # noqa: F401  (re-exported)
+from ..methods.settings import check_optimiser_flags, check_plain_training  # noqa: F401  (re-exported)
 from ..schema import KIND_CHECKS, ConfigError, Field, check_value, names  # noqa: F401  (re-exported)
 
 _F = Field
@@ -71,8 +71,9 @@ COMMON_FIELDS: tuple[Field, ...] = (
     _F("backbone_kwargs", "json", {}, "JSON object passed to timm.create_model (e.g. {\"dynamic_img_size\": true})",
        group="model", resume="identity"),
     # ------------------------------------------------------------------ optimisation
-    _F("optimizer", "choice", "adam", "optimiser (rebuilt for every experience)", group="method",
-       choices=("adam", "sgd")),
+    _F("optimizer", "str", "adam", "optimiser (rebuilt for every experience): adam (the reference's), sgd, or a timm "
+       "optimiser such as adamw, lamb, lion, nesterov (timm.optim.create_optimizer_v2)", group="method",
+       metavar="NAME"),
     _F("lr", "float", 5e-4, "learning rate (InfLoRA: of the branches and, unless --head-lr, the head)",
        group="method", minimum=0),
     _F("head_lr", "float", None, "learning rate of the classifier head (default: --lr)", group="method", minimum=0,
@@ -171,7 +172,6 @@ def validate_config(config: dict) -> dict:
            f"device must be auto, cpu, cuda, cuda:N or mps, got {c['device']!r}")
     for key in ("mean", "std"):
         _check(c[key] is None or len(c[key]) == 3, f"{key} must be 3 numbers, got {c[key]!r}")
-    _check(len(c["betas"]) == 2 and all(0 <= b < 1 for b in c["betas"]), "betas must be 2 numbers in [0, 1)")
     _check(0 < c["test_fraction"] < 1, f"test_fraction must be in (0, 1), got {c['test_fraction']}")
     for group in setting_groups():  # every method's own rules (the config holds every method's settings)
         if group.check is not None:
@@ -280,10 +280,7 @@ def check_conflicts(config: dict, explicit: set) -> None:
         raise ConfigError(f"{flags} only {verb} with --normalize (pixels are fed as they are without it): add "
                           f"--normalize or drop {flags}")
     check_stream_settings(config, explicit)
-    if "momentum" in explicit and config["optimizer"] != "sgd":
-        raise ConfigError(f"--momentum applies to --optimizer sgd, not {config['optimizer']}: drop one of them")
-    if "betas" in explicit and config["optimizer"] != "adam":
-        raise ConfigError(f"--betas apply to --optimizer adam, not {config['optimizer']}: drop one of them")
+    check_optimiser_flags(config, explicit)
 
 
 def _readers(key: str) -> list[str]:
