@@ -1112,3 +1112,15 @@ def test_one_class_per_experience_learns_through_classifier_alignment(tmp_path):
         torch.set_num_threads(threads)
     assert all(loss == 0 for t in range(10) for loss in recorder.losses[t])  # a lone class gives the loss nothing
     assert results["seeds"][0]["A_last"] > 30, results["seeds"][0]["A_last"]
+
+
+def test_a_checkpoint_from_before_optional_betas_resumes_with_adams_default(tmp_path):
+    """Runs saved before betas became optional recorded Adam's [0.9, 0.999]; a config that leaves them to Adam is the
+    same training, not a changed setting. Other betas are a change."""
+    from inflora_avalanche.run.resume import check_resume_settings
+
+    config = P.layered_config(P.DEMO_PRESET, None, {"out": str(tmp_path / "run")})
+    assert config["optimizer"] == "adam" and config["betas"] is None
+    assert check_resume_settings({**config, "betas": [0.9, 0.999]}, config, tmp_path / "checkpoint.safetensors") == {}
+    with pytest.raises(C.ConfigError, match="trained with other settings.*betas"):
+        check_resume_settings({**config, "betas": [0.8, 0.999]}, config, tmp_path / "checkpoint.safetensors")

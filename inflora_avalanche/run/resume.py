@@ -52,6 +52,14 @@ def with_schema_defaults(saved: dict) -> dict:
     return {**{k: v for k, v in DEFAULTS.items() if k not in RESUME_FREE_KEYS}, **saved}
 
 
+def _as_trained(config: dict) -> dict:
+    """Settings as they act: Adam's betas left to the optimiser are the reference's (0.9, 0.999), which is how
+    checkpoints from before betas became optional recorded them."""
+    if config.get("optimizer") == "adam" and config.get("betas") is None:
+        return {**config, "betas": [0.9, 0.999]}
+    return config
+
+
 def checkpoint_config(path: Path) -> Optional[dict]:
     """The config stored in the checkpoint at ``path``, read from its safetensors header without torch; ``None``
     when the file cannot be read that way (loading it later says why)."""
@@ -76,7 +84,7 @@ def check_resume_settings(saved: dict, config: dict, path: Path, error: type = C
     """Refuse a checkpoint of another method, preset, backbone or model; and, unless ``resume_with_changes``, one
     trained with other settings (results would claim settings that earlier experiences never had). Returns the
     settings that changed (``{key: (checkpoint's, this run's)}``)."""
-    saved = with_schema_defaults(saved)
+    saved, config = _as_trained(with_schema_defaults(saved)), _as_trained(config)
     for key in IDENTITY_ORDER:
         if not _same(saved.get(key), config.get(key)):
             raise error(
