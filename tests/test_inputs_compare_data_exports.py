@@ -22,8 +22,9 @@ from inflora_avalanche.run import cli
 TINY_BACKBONE = {"img_size": 8, "patch_size": 4, "depth": 1, "embed_dim": 16, "num_heads": 2}
 
 
-def _folder(root: Path, n_classes: int = 2, per_class: int = 3, ext: str = "jpg") -> Path:
-    """Class folders of noisy 24 x 24 images (noise: a JPEG's header is then a small part of the file)."""
+def _folder(root: Path, n_classes: int = 4, per_class: int = 3, ext: str = "jpg") -> Path:
+    """Class folders of noisy 24 x 24 images (noise: a JPEG's header is then a small part of the file); four classes
+    by default, two per experience (one class per experience is refused)."""
     rng = np.random.default_rng(len(str(root)))
     for c in range(n_classes):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
@@ -79,15 +80,15 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
     a_file.write_text("not a folder")
 
     truncated = _folder(tmp_path / "truncated")
-    whole = (truncated / "c1" / "2.jpg").read_bytes()
-    (truncated / "c1" / "2.jpg").write_bytes(whole[: 2 * len(whole) // 3])
+    whole = (truncated / "c3" / "2.jpg").read_bytes()
+    (truncated / "c3" / "2.jpg").write_bytes(whole[: 2 * len(whole) // 3])
     corrupt_png = _folder(tmp_path / "corrupt_png", ext="png")
     data = bytearray((corrupt_png / "c1" / "1.png").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (corrupt_png / "c1" / "1.png").write_bytes(bytes(data))
     only_text = _folder(tmp_path / "only_text")
-    (only_text / "c2").mkdir()
-    (only_text / "c2" / "notes.txt").write_text("labels to do")
+    (only_text / "c_notes").mkdir()
+    (only_text / "c_notes" / "notes.txt").write_text("labels to do")
     beside = _folder(tmp_path / "beside")
     (beside / "c0" / "README.txt").write_text("x")
     (beside / "c1" / "Thumbs.db").write_bytes(b"\0" * 16)
@@ -95,7 +96,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
     (beside / "labels.csv").write_text("file,label\n")
     (tmp_path / "linked").symlink_to(good)
     (tmp_path / "linked_classes").mkdir()
-    for c in ("c0", "c1"):
+    for c in ("c0", "c1", "c2", "c3"):
         (tmp_path / "linked_classes" / c).symlink_to(good / c)
     wrong_extension = _folder(tmp_path / "wrong_extension")
     Image.open(wrong_extension / "c0" / "0.jpg").save(wrong_extension / "c0" / "0.jpg", format="PNG")
@@ -116,7 +117,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
     def every_image_used(out_dir: Path, err: str) -> None:
         results_written(out_dir, err)
         stream = json.loads((out_dir / "results.json").read_text())["benchmark"]
-        assert stream["train_size"] + stream["test_size"] == 3 + 9 + 3  # the nine odd images of c0 included
+        assert stream["train_size"] + stream["test_size"] == 4 * 3 + 9  # the nine odd images of c0 included
 
     def exports_per_method_in_the_run_folder(out_dir: Path, err: str) -> None:
         assert (out_dir / "inflora" / "seed0" / "after_exp2" / "model.safetensors").is_file()
@@ -156,19 +157,19 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
                                                       exports_per_method_in_the_run_folder),
         # ------------------------------------------------------------------ image folders
         "truncated JPEG (in the last experience)": (run + ["--data-root", str(truncated)],
-                                                    ("1 of the stream's 6 image files cannot be read",
-                                                     f"{truncated / 'c1' / '2.jpg'} (OSError: image file is truncated",
+                                                    ("1 of the stream's 12 image files cannot be read",
+                                                     f"{truncated / 'c3' / '2.jpg'} (OSError: image file is truncated",
                                                      "Replace them with readable images"), None),
         "PNG with corrupt pixel data": (run + ["--data-root", str(corrupt_png)],
                                         (f"{corrupt_png / 'c1' / '1.png'} (OSError: broken data stream",), None),
         "image over PIL's decompression-bomb limit": (run + ["--data-root", str(good)],
-                                                      ("6 of the stream's 6 image files cannot be read",
+                                                      ("12 of the stream's 12 image files cannot be read",
                                                        "(DecompressionBombError: Image size (576 pixels)"),
                                                       None),
-        "--data-root a file": (run + ["--data-root", str(a_file)], (f"data folder {a_file} is a file, not a folder",),
+        "--data-root a file": (run + ["--data-root", str(a_file)], (f"--data-root {a_file} is a file; give the folder that holds the images",),
                                None),
         "class folder with only non-image files": (run + ["--data-root", str(only_text)],
-                                                   (f"class folder {only_text / 'c2'} has no image files",
+                                                   (f"class folder {only_text / 'c_notes'} has no image files",
                                                     "it holds notes.txt); put images in it or remove it"), None),
         "images of mixed modes and sizes": (run + ["--data-root", str(_mixed_modes(tmp_path / "mixed"))], None,
                                             every_image_used),
@@ -263,7 +264,7 @@ def test_a_file_broken_between_two_experiences_is_found_before_resuming_and_repl
     from inflora_avalanche.run.resume import CHECKPOINT_NAME
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = _folder(tmp_path / "data", n_classes=2, per_class=3)
+    data = _folder(tmp_path / "data", n_classes=4, per_class=3)
     out = tmp_path / "out"
     argv = ["run", "--preset", _preset(tmp_path), "--data-root", str(data), "--out", str(out)]
 
