@@ -41,22 +41,14 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from inflora_avalanche.io import atomic_write_json
-from inflora_avalanche.run.cli import ScriptHelpFormatter
+from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser
+from inflora_avalanche.run.options import ScriptUsageError as UsageError
 
 PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder")
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(message)
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
+    p = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {','.join(PATHS)} (default: all)")
     p.add_argument("--resolution", type=int, default=224, help="output side in pixels")

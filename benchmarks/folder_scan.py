@@ -26,20 +26,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from inflora_avalanche.io import atomic_write_json, unreadable_images
-from inflora_avalanche.run.cli import ScriptHelpFormatter
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(message)
+from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser
+from inflora_avalanche.run.options import ScriptUsageError as UsageError
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
+    p = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
     p.add_argument("--data-root", type=Path, required=True,
                    help="an image folder: root/<class>/* or root/{train,val}/<class>/*")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each scan; the best is reported")

@@ -47,23 +47,15 @@ import torch
 import torch.nn.functional as F
 
 from inflora_avalanche.io import atomic_write_json
-from inflora_avalanche.run.cli import ScriptHelpFormatter
+from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser
+from inflora_avalanche.run.options import ScriptUsageError as UsageError
 
 MODES = ("fast", "resum", "paper")
 GIB = 1024**3
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UsageError(message)
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
+    p = ScriptParser(description=__doc__.split("\n\n")[0], formatter_class=ScriptHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT name (random weights)")
     p.add_argument("--depth", type=int, default=None, help="override the backbone's number of blocks")

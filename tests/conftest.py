@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pytest
 import timm
@@ -93,3 +93,30 @@ def shared_weights() -> str:
     if not TEST_WEIGHTS or not os.path.isfile(TEST_WEIGHTS):
         pytest.skip("the shared ViT-S/14 weights are neither in ../shared/weights nor named by INFLORA_TEST_WEIGHTS")
     return TEST_WEIGHTS
+
+
+def start_at_once(commands: Sequence[Sequence[str]], folder: Path, env: Optional[dict] = None
+                  ) -> list[tuple[int, str]]:
+    """Run ``inflora-avalanche`` commands in separate processes, released at the same moment once every one has
+    imported the runner (a race on one output folder); (exit code, stderr) of each."""
+    import subprocess
+    import sys
+    import time
+
+    starter = ("import os, sys, time\n"
+               "from inflora_avalanche.run import cli, compare, loop, output\n"
+               "open(sys.argv[1], 'w').close()\n"
+               "while not os.path.exists(sys.argv[2]):\n"
+               "    time.sleep(0.002)\n"
+               "sys.exit(cli.main(sys.argv[3:]))\n")
+    go = folder / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", starter, str(folder / f"ready{i}"), str(go), *command],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=folder,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+             for i, command in enumerate(commands)]
+    deadline = time.time() + 120
+    while not all((folder / f"ready{i}").exists() for i in range(len(procs))) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    return [(proc.returncode, err) for proc, err in zip(procs, errors)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import start_at_once
 from inflora_avalanche.results import joint_result, seed_result
 from inflora_avalanche.run.compare import aggregate_rows, compare_main, plot_curves, run_metrics, to_markdown
 
@@ -246,25 +247,13 @@ def test_a_compare_on_a_folder_another_compare_holds_is_refused(tmp_path: Path, 
 def test_two_compares_started_at_once_on_one_out(tmp_path: Path) -> None:
     """They used to both exit 0, the table keeping one of them; now one runs and the other is refused in one line."""
     out = tmp_path / "cmp"
-    starter = ("import os, sys, time\n"
-               "from inflora_avalanche.run import cli, compare, loop, output\n"
-               "open(sys.argv[1], 'w').close()\n"
-               "while not os.path.exists(sys.argv[2]):\n"
-               "    time.sleep(0.002)\n"
-               "sys.exit(cli.main(sys.argv[3:]))\n")
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / f"ready{i}"), str(go), "compare",
-                               "--out", str(out), "--methods", method, "--no-isolate", *FAST],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for i, method in enumerate(("linear_probe", "naive"))]
-    deadline = time.time() + 120
-    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
-        time.sleep(0.01)
-    go.touch()
-    errors = [proc.communicate(timeout=300)[1] for proc in procs]
-    assert sorted(proc.returncode for proc in procs) == [0, 2], errors
-    winner = next(m for m, proc in zip(("linear_probe", "naive"), procs) if proc.returncode == 0)
-    refused = next(e for proc, e in zip(procs, errors) if proc.returncode == 2)
+    methods = ("linear_probe", "naive")
+    ended = start_at_once([["compare", "--out", str(out), "--methods", method, "--no-isolate", *FAST]
+                           for method in methods], tmp_path)
+    errors = [err for _, err in ended]
+    assert sorted(code for code, _ in ended) == [0, 2], errors
+    winner = next(m for m, (code, _) in zip(methods, ended) if code == 0)
+    refused = next(err for code, err in ended if code == 2)
     _one_line(2, refused, "another run (pid", f"is writing into {out}")
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [(winner, "ok")]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
+from conftest import start_at_once
 from inflora_avalanche.run import build, cli, loop
 from inflora_avalanche.run import config as C
 from inflora_avalanche.run import presets as P
@@ -907,24 +908,11 @@ def test_two_runs_started_at_once_on_the_same_out(tmp_path):
     from inflora_avalanche.run.output import LOCK_NAME
 
     out = tmp_path / "run"
-    starter = ("import os, sys, time\n"
-               "from inflora_avalanche.run import cli, loop\n"
-               "open(sys.argv[1], 'w').close()\n"
-               "while not os.path.exists(sys.argv[2]):\n"
-               "    time.sleep(0.002)\n"
-               "sys.exit(cli.main(sys.argv[3:]))\n")
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / f"ready{i}"), str(go), "run", "--demo",
-                               "--no-progress", "--set", "epochs=1", "--n-experiences", "2", "--out", str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for i in range(2)]
-    deadline = time.time() + 120
-    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
-        time.sleep(0.01)
-    go.touch()
-    errors = [proc.communicate(timeout=300)[1] for proc in procs]
-    assert sorted(proc.returncode for proc in procs) == [0, 2], errors
-    refused = next(e for proc, e in zip(procs, errors) if proc.returncode == 2).strip()
+    command = ["run", "--demo", "--no-progress", "--set", "epochs=1", "--n-experiences", "2", "--out", str(out)]
+    ended = start_at_once([command, command], tmp_path)
+    errors = [err for _, err in ended]
+    assert sorted(code for code, _ in ended) == [0, 2], errors
+    refused = next(err for code, err in ended if code == 2).strip()
     _one_line_error(2, refused, "another run (pid", f"is writing into {out}")
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"][0]["experiences_done"] == 2 and len(results["seeds"][0]["A_t"]) == 2

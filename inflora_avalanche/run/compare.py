@@ -281,7 +281,7 @@ def _compare(argv: Sequence[str]) -> int:
         check_output(out, configs)
     except C.ConfigError as err:
         fail(str(err))
-    from .output import OutputLock, discard_new_entries, make_folders, missing_folders, remove_empty_folders
+    from .output import OutputLock, make_folders, missing_folders, release_output
 
     missing = missing_folders(out)  # --out and its parents that this comparison makes
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()
@@ -320,11 +320,7 @@ def _compare(argv: Sequence[str]) -> int:
             out, configs, runs, current, kept, out in missing)
         raise
     finally:
-        if discard and lock.held:
-            discard_new_entries(out, before)
-        lock.release()
-        if discard:
-            remove_empty_folders(missing)
+        release_output(out, lock, before, missing, discard)
         WRITING.clear()
     # not applicable (e.g. b5 on a shallow backbone) is a result of the table; a crash or nothing run is a failure
     failed = [r["method"] for r in runs if r["status"] == "error"]

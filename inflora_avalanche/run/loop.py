@@ -28,8 +28,8 @@ from . import build as B
 from .config import validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
-from .output import (OutputLock, check_export_dir, discard_new_entries, export_experience, make_folders,
-                     missing_folders, prepare_output_dir, remove_empty_folders, write_json, write_results)
+from .output import (OutputLock, check_export_dir, export_experience, make_folders, missing_folders,
+                     prepare_output_dir, release_output, write_json, write_results)
 from .parallel import on_all, on_main, user_errors
 from ..strategy_state import load_strategy_state, strategy_state
 from .settings_file import config_file_text
@@ -296,11 +296,7 @@ def run_experiment(
         raise
     finally:
         if main_process:
-            if discard and lock.held:
-                discard_new_entries(out_dir, before)
-            lock.release()
-            if discard:
-                remove_empty_folders(missing)
+            release_output(out_dir, lock, before, missing, discard)
             WRITING.clear()
 
 

@@ -52,6 +52,17 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+class ScriptUsageError(Exception):
+    """Bad command-line input of another script (a benchmark): its ``main`` reports it in one line, exit status 2."""
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse for scripts that report their own errors: an argparse error raises :class:`ScriptUsageError`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ScriptUsageError(message)
+
+
 class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` of the other scripts (benchmarks, diagnostics demo): each option's default once (lists as words),
     none for unset options and switches, and only the first long name of an option (older names stay accepted)."""

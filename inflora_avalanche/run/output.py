@@ -309,6 +309,16 @@ def discard_new_entries(out: Path, before: set) -> None:
             entry.unlink(missing_ok=True)
 
 
+def release_output(out: Path, lock: "OutputLock", before: set, missing: list, discard: bool) -> None:
+    """Release the output lock; with ``discard`` (an interrupted or failed start with nothing to resume), first take
+    back what the run added to ``out`` (``before``: the names it held), then the folders it made (``missing``)."""
+    if discard and lock.held:
+        discard_new_entries(out, before)
+    lock.release()
+    if discard:
+        remove_empty_folders(missing)
+
+
 def remove_empty_folders(folders: list[Path]) -> None:
     """Remove those of ``folders`` (as :func:`missing_folders` lists them) that exist, deepest first, while they are
     empty: a folder another run has written into stays, and so do its parents."""
