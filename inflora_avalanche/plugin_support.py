@@ -88,6 +88,9 @@ def _avalanche_class(obj: Any) -> Optional[str]:
 def check_plugins(plugins: Sequence[Any], input_transform: Any = None) -> None:
     """Refuse, in one line, plugins that cannot do what they promise with a low-rank strategy."""
     for plugin in plugins:
+        if isinstance(plugin, type):
+            raise ValueError(f"plugins holds the class {plugin.__name__}, not a plugin: pass "
+                             f"{plugin.__name__}(...)")
         name = _avalanche_class(plugin)
         if name in REFUSED_PLUGINS:
             raise ValueError(f"{type(plugin).__name__} cannot be used with a low-rank strategy: {REFUSED_PLUGINS[name]}")
@@ -112,6 +115,9 @@ def check_criterion(criterion: Any) -> str:
     among them)``, and a batch that mixes tasks (replay) is scored per task and combined as the criterion's
     reduction would: a size-weighted mean, or a sum. A class-weighted criterion or a custom ``ignore_index`` would
     refer to dataset labels, not to those indices."""
+    if isinstance(criterion, type):
+        raise ValueError(f"criterion is the class {criterion.__name__}, not a criterion: pass "
+                         f"{criterion.__name__}() (or any f(logits, targets))")
     name = _avalanche_class(criterion)
     if name in REFUSED_CRITERIA:
         raise ValueError(f"criterion {type(criterion).__name__} cannot be used with a low-rank strategy: "

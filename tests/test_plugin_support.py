@@ -81,6 +81,16 @@ def test_a_subclass_of_a_refused_plugin_is_refused_and_a_users_own_plugin_is_acc
     assert any(isinstance(p, Mine) for p in _strategy([Mine()]).plugins)
 
 
+@pytest.mark.parametrize("name", ["EWCPlugin", "ReplayPlugin"])
+def test_a_plugin_class_not_an_instance_is_refused_at_construction_in_one_line(name):
+    """plugins=[EWCPlugin] (not called) used to pass the refusal and fail at the first train() with Avalanche's
+    'before_training() missing 1 required positional argument'."""
+    expected = rf"^plugins holds the class {name}, not a plugin: pass {name}\(\.\.\.\)"
+    with pytest.raises(ValueError, match=expected) as info:
+        _strategy([getattr(avalanche_plugins, name)])
+    assert "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------- criterion
 @pytest.mark.parametrize("criterion, match", [
     (MaskedCrossEntropy(), "MaskedCrossEntropy indexes the whole output by dataset label"),
@@ -88,7 +98,8 @@ def test_a_subclass_of_a_refused_plugin_is_refused_and_a_users_own_plugin_is_acc
     (nn.CrossEntropyLoss(ignore_index=0), "ignore_index=0"),
     (nn.CrossEntropyLoss(reduction="none"), "reduction='none'"),
     ("cross_entropy", "must be callable"),
-], ids=["masked", "weights", "ignore_index", "reduction none", "not callable"])
+    (nn.CrossEntropyLoss, r"criterion is the class CrossEntropyLoss, not a criterion: pass CrossEntropyLoss\(\)"),
+], ids=["masked", "weights", "ignore_index", "reduction none", "not callable", "a class, not called"])
 def test_criteria_that_cannot_be_honoured_are_refused(criterion, match):
     with pytest.raises(ValueError, match=match):
         _strategy(criterion=criterion)
