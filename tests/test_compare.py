@@ -335,3 +335,23 @@ def test_ctrl_c_before_any_method_finished_removes_what_compare_made(tmp_path: P
     _one_line(code, err, f"interrupted during linear_probe, before any method had finished an experience: nothing to "
                          f"resume, so {out} was removed again", exit_code=130)
     assert not (tmp_path / "new").exists()
+
+
+def test_compare_resume_with_changed_settings_suggests_what_compare_accepts(tmp_path: Path, capsys) -> None:
+    """The refusal of a method's checkpoint trained with other settings used to suggest `--config <out>/<method>/
+    config.yaml --resume`, which compare itself refuses (that file names a method)."""
+    from inflora_avalanche.run.compare import method_configs
+
+    out = tmp_path / "cmp"
+    argv = ["--out", str(out), "--methods", "inflora", *FAST]
+    _, configs = method_configs(argv)
+    run = out / "inflora"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method: inflora\n")
+    header = json.dumps({"__metadata__": {"state": json.dumps({"config": {**configs["inflora"], "lr": 0.5}})}})
+    (run / "checkpoint.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode())
+    before = sorted(p.name for p in run.iterdir())
+    code, _, err = _compare(capsys, *argv, "--resume")
+    _one_line(code, err, "trained with other settings (--lr 0.5 there", "drop those flags", "--resume-with-changes")
+    assert "--config" not in err, err
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -346,6 +346,17 @@ def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_pa
         P.layered_config("tinyimagenet_dinov2", None, {"data_root": "x", "device_augment": True})
 
 
+@pytest.mark.parametrize("preset, stream", [("demo_digits", "digits"), ("synthetic_smoke", "synthetic"),
+                                            ("tinyimagenet_dinov2", "folder")])
+def test_device_augment_elsewhere_names_the_stream_it_does_nothing_for(preset, stream):
+    """--demo --device-augment used to be told that 'folder streams decode in DataLoader workers'."""
+    with pytest.raises(C.ConfigError) as info:
+        P.layered_config(preset, None, {"data_root": "x" if stream == "folder" else None, "device_augment": True})
+    message = str(info.value)
+    assert message.startswith("--device-augment does nothing for the " + stream + " stream"), message
+    assert "Split CIFAR-100" in message and message.endswith("drop it"), message
+
+
 def test_script_short_preset_names():
     config = cli.config_from_argv(["--preset", "inflora_ca"], "split_cifar100")
     assert config["preset"] == "cifar100_inflora_ca" and config["classifier_alignment"] == {}

@@ -275,7 +275,7 @@ def _compare(argv: Sequence[str]) -> int:
         for config in configs.values():
             check_launch(config)
             # before any method runs: a --resume that one of them would refuse must not rewrite the table
-            check_resume_checkpoint(config, Path(config["out"]).expanduser())
+            check_resume_checkpoint(config, Path(config["out"]).expanduser(), suggest_config=False)
         first = next(iter(configs.values()))
         out = Path(first["out"]).parent
         check_output(out, configs)

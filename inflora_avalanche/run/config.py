@@ -209,8 +209,9 @@ def validate_config(config: dict) -> dict:
     _check(not (c["resume"] and c["overwrite"]),
            "--resume continues the run in --out and --overwrite starts it anew; pass only one of them")
     _check(not (c["device_augment"] and not stream.device_augment),
-           f"device_augment is for {names(S.REGISTRY[n].label for n in S.streams_where(lambda s: s.device_augment))} "
-           "(decoded uint8 tensors); folder streams decode in DataLoader workers: drop --device-augment")
+           f"--device-augment does nothing for the {stream.name} stream (only "
+           f"{names(S.REGISTRY[n].label for n in S.streams_where(lambda s: s.device_augment))}, kept as decoded "
+           "uint8 tensors, is augmented on the device): drop it")
     return config
 
 

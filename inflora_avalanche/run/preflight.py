@@ -26,15 +26,16 @@ def check_data_root(config: dict) -> None:
                           f"({stream.data})")
 
 
-def check_resume_checkpoint(config: dict, out: Path) -> None:
+def check_resume_checkpoint(config: dict, out: Path, suggest_config: bool = True) -> None:
     """``--resume``: the checkpoint in ``out`` belongs to this run and was trained with these settings (read from
-    its header; a file that cannot be read so is reported when it is loaded)."""
+    its header; a file that cannot be read so is reported when it is loaded). ``suggest_config``: see
+    :func:`check_resume_settings`."""
     path = out / CHECKPOINT_NAME
     if not config["resume"] or not path.is_file():
         return
     saved = checkpoint_config(path)
     if saved is not None:
-        check_resume_settings(saved, {**config, "out": str(out)}, path)
+        check_resume_settings(saved, {**config, "out": str(out)}, path, suggest_config=suggest_config)
 
 
 def check_before_heavy_imports(config: dict) -> None:

@@ -80,10 +80,12 @@ def _show(changes: dict) -> str:
                      for k, (a, b) in changes.items())
 
 
-def check_resume_settings(saved: dict, config: dict, path: Path, error: type = ConfigError) -> dict:
+def check_resume_settings(saved: dict, config: dict, path: Path, error: type = ConfigError,
+                          suggest_config: bool = True) -> dict:
     """Refuse a checkpoint of another method, preset, backbone or model; and, unless ``resume_with_changes``, one
     trained with other settings (results would claim settings that earlier experiences never had). Returns the
-    settings that changed (``{key: (checkpoint's, this run's)}``)."""
+    settings that changed (``{key: (checkpoint's, this run's)}``). ``suggest_config=False`` (``compare``, which
+    refuses a config file naming a method) leaves the run's written ``config.yaml`` out of the advice."""
     saved, config = _as_trained(with_schema_defaults(saved)), _as_trained(config)
     for key in IDENTITY_ORDER:
         if not _same(saved.get(key), config.get(key)):
@@ -96,6 +98,7 @@ def check_resume_settings(saved: dict, config: dict, path: Path, error: type = C
     if changed and not config.get("resume_with_changes"):
         out = Path(path).parent
         latest = next((out / n for n in ("config_resumed.yaml", "config.yaml") if (out / n).is_file()), None)
+        latest = latest if suggest_config else None
         how = f"`--config {latest} --resume`, or drop those flags" if latest else "drop those flags"
         raise error(
             f"the checkpoint {path} was trained with other settings ({_show(changed)}); resume with the "
