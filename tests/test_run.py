@@ -342,7 +342,7 @@ def test_device_augment_cifar_path_feeds_uint8_and_augments_on_the_device(tmp_pa
     assert isinstance(strategy.input_transform, DeviceAugment)
     out = strategy.prepare_input(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), True)
     assert out.shape == (4, 3, 48, 48) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
-    with pytest.raises(C.ConfigError, match="device_augment"):
+    with pytest.raises(C.ConfigError, match="--device-augment does nothing for the folder stream"):
         P.layered_config("tinyimagenet_dinov2", None, {"data_root": "x", "device_augment": True})
 
 
@@ -515,3 +515,22 @@ def test_target_modules_and_qkv_rows_are_checked_once_and_reach_the_model(monkey
     assert seen["target_modules"] == ["mlp.fc1"] and seen["qkv_rows"] == ["q", "k", "v"]
     I.build_model(cli.config_from_argv(["--demo"]))  # the reference's layers: the model's own defaults
     assert seen.get("target_modules", ["attn.qkv"]) == ["attn.qkv"] and seen.get("qkv_rows", ["k", "v"]) == ["k", "v"]
+
+
+def test_an_out_folder_with_only_the_users_files_is_not_said_to_hold_results(tmp_path):
+    """It used to be refused as 'already holds results; ... pass --resume to continue that run', though it holds no
+    run (and --resume would start one from scratch)."""
+    from inflora_avalanche.run.output import prepare_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = P.layered_config("demo_digits", None, {"out": str(out)})
+    with pytest.raises(C.ConfigError) as info:
+        prepare_output_dir(config)
+    message = str(info.value)
+    assert "is not empty (it holds notes.txt, none of them a run's)" in message and "--resume" not in message
+    assert "--overwrite to write the run into it (its files are kept)" in message
+    (out / "results.json").write_text("{}")
+    with pytest.raises(C.ConfigError, match="already holds results; choose another --out, pass --resume"):
+        prepare_output_dir(config)

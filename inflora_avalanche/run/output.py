@@ -16,6 +16,11 @@ from .config import ConfigError
 from .resume import CHECKPOINT_NAME
 
 
+#: What a run writes at the top of its folder (besides ``seed<N>/``): a folder holding none of these holds no run.
+RUN_FILES = ("results.json", CHECKPOINT_NAME, "config.json", "config.yaml", "summary.txt", "config_resumed.json",
+             "config_resumed.yaml")
+
+
 def write_json(path: Path, data: Any) -> None:
     """``data`` as JSON at ``path``, atomically (a temporary file and a rename)."""
     atomic_write_json(path, data)
@@ -71,6 +76,11 @@ def prepare_output_dir(config: dict) -> Path:
                 raise ConfigError(f"{out} holds results but no {CHECKPOINT_NAME} to resume from; choose another --out "
                                   "or pass --overwrite instead of --resume to start anew")
         elif not config["overwrite"]:
+            entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+            if not any(n in RUN_FILES or n.startswith("seed") or "_split_seed" in n for n in entries):
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise ConfigError(f"output folder {out} is not empty (it holds {shown}, none of them a run's); choose "
+                                  "another --out, or pass --overwrite to write the run into it (its files are kept)")
             raise ConfigError(
                 f"output folder {out} already holds results; choose another --out, pass --resume to continue that run "
                 "or --overwrite to write into it"
