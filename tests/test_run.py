@@ -534,3 +534,16 @@ def test_an_out_folder_with_only_the_users_files_is_not_said_to_hold_results(tmp
     (out / "results.json").write_text("{}")
     with pytest.raises(C.ConfigError, match="already holds results; choose another --out, pass --resume"):
         prepare_output_dir(config)
+
+
+@pytest.mark.parametrize("argv", [["presets"], ["run", "--help"]], ids=["presets", "run --help"])
+def test_output_into_a_closed_pipe_ends_quietly(argv):
+    """`inflora-avalanche presets | head -5` used to end in a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before anything is written: every write fails
+    try:
+        proc = subprocess.run([sys.executable, "-m", "inflora_avalanche", *argv], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode in (0, 1), proc.stderr

@@ -7,6 +7,7 @@ before torch, timm or Avalanche are imported.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -163,6 +164,16 @@ def print_presets() -> None:
 # --------------------------------------------------------------------------------------------------- entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``inflora-avalanche`` / ``python -m inflora_avalanche``."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # whoever read our output has gone (`inflora-avalanche presets | head`): end quietly, as a Unix tool does;
+        # stdout goes to devnull so that the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": "train one method on one stream (every seed)",
                 "compare": "run several methods on the same stream and tabulate them",
