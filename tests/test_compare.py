@@ -355,3 +355,18 @@ def test_compare_resume_with_changed_settings_suggests_what_compare_accepts(tmp_
     _one_line(code, err, "trained with other settings (--lr 0.5 there", "drop those flags", "--resume-with-changes")
     assert "--config" not in err, err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_method_flag_that_no_method_of_methods_reads_is_refused(tmp_path: Path, capsys) -> None:
+    """`compare --methods naive linear_probe --rank 4` used to run both methods with --rank doing nothing (as --export
+    with no exporting method is refused); with one method that reads it, every method takes what it reads."""
+    from inflora_avalanche.run.compare import method_configs
+
+    out = tmp_path / "cmp"
+    code, _, err = _compare(capsys, "--out", str(out), "--methods", "naive", "linear_probe", "--rank", "4", *FAST)
+    _one_line(code, err, "--rank applies to inflora", "none of which is in --methods: drop it or add one of them")
+    assert not out.exists()
+    code, _, err = _compare(capsys, "--out", str(out), "--methods", "naive", "--rank", "4", "--ewc-lambda", "5", *FAST)
+    _one_line(code, err, "these settings apply to no method of --methods (--ewc-lambda: ewc; --rank: inflora")
+    _, configs = method_configs(["--out", str(out), "--methods", "inflora", "naive", "--rank", "4", *FAST])
+    assert configs["inflora"]["rank"] == 4 and set(configs) == {"inflora", "naive"}

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..methods import EXPORT, get_method, methods_with
+from ..methods import EXPORT, get_method, methods_with, setting_owners
 from ..results import average_forgetting, mean_std
 from . import config as C
 from .interrupts import NOTHING_WRITTEN, WRITING, interrupts_not_lost
@@ -176,6 +176,7 @@ def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
     if export is not None and not any(get_method(m).has(EXPORT) for m in args.methods):
         raise C.ConfigError(f"--export applies to {', '.join(methods_with(EXPORT))}, none of which is in --methods: "
                             "drop --export or add one of them")
+    check_some_method_reads(overrides, args.methods)
     configs = {}
     for method in args.methods:
         method_overrides = {**overrides, "out": str(out / method)}
@@ -184,6 +185,24 @@ def method_configs(argv: Sequence[str]) -> tuple[Any, dict[str, dict]]:
             method_overrides["export"] = str(export / method) if get_method(method).has(EXPORT) else None
         configs[method] = P.layered_config(preset, method, method_overrides, file_values)
     return args, configs
+
+
+def check_some_method_reads(overrides: dict, methods: Sequence[str]) -> None:
+    """A method's own setting on the command line that no method of ``methods`` reads would do nothing: refused in
+    one line, as ``run`` refuses it (each method still takes only the settings it reads)."""
+    foreign: dict[str, list] = {}
+    for key in sorted(set(overrides) & set(C.FIELD_BY_NAME)):
+        owners = setting_owners(key)
+        if owners is not None and not set(owners) & set(methods):
+            foreign.setdefault(", ".join(owners), []).append(C.FIELD_BY_NAME[key].flag)
+    if len(foreign) == 1:
+        (owners, flags), = foreign.items()
+        raise C.ConfigError(f"{', '.join(flags)} appl{'ies' if len(flags) == 1 else 'y'} to {owners}, none of which "
+                            f"is in --methods: drop {'it' if len(flags) == 1 else 'them'} or add one of them")
+    if foreign:
+        each = "; ".join(f"{', '.join(flags)}: {owners}" for owners, flags in foreign.items())
+        raise C.ConfigError(f"these settings apply to no method of --methods ({each}): drop them or add a method "
+                            "that reads them")
 
 
 def _run_isolated(config: dict, out: Path) -> tuple[int, str]:
