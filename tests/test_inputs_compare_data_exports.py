@@ -138,6 +138,10 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
         # ------------------------------------------------------------------ compare
         "compare: unknown method": (compare + ["--methods", "InfLoRA"], ("unknown method(s) ['InfLoRA']; choose from",),
                                     None),
+        "compare: a truncated image": (["compare", "--preset", tiny, "--data-root", str(truncated), "--out", out,
+                                         "--methods", "inflora", "linear_probe"],
+                                        ("1 of the stream's 12 image files cannot be read",
+                                         f"{truncated / 'c3' / '2.jpg'} (OSError: image file is truncated"), None),
         "compare: a method named twice": (compare + ["--methods", "inflora", "inflora"],
                                           ("--methods names a method twice: ['inflora', 'inflora']",), None),
         "compare: --methods without a name": (compare + ["--methods"], ("--methods: expected at least one argument",),
@@ -186,7 +190,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], Optional[tuple[str, ...
     }
 
 
-CASES = ["compare: unknown method", "compare: a method named twice", "compare: --methods without a name",
+CASES = ["compare: unknown method", "compare: a truncated image", "compare: a method named twice", "compare: --methods without a name",
          "compare: --out a file", "compare: --export a file", "compare: --export without a method that exports",
          "compare: --export holding an earlier comparison's exports", "compare: --export the same folder as --out",
          "truncated JPEG (in the last experience)", "PNG with corrupt pixel data",

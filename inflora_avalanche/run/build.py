@@ -12,7 +12,7 @@ import torch
 
 from .. import distributed as ddp
 from ..streams import DataUnavailableError, ImageLoadError, StreamInfo, get_stream
-from .config import ConfigError, check_one_class_experiences
+from .config import ConfigError
 
 
 def resolve_device(config: dict) -> str:
@@ -68,7 +68,6 @@ def check_stream(config: dict, info: StreamInfo) -> None:
             + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
             + ". Replace them with readable images (deleting them changes the train/test split, which a later "
               "--resume of this run would refuse), then run the same command again")
-    check_one_class_experiences(config, info.num_classes)
 
 
 def pretrained_weights_problem(backbone: str) -> Optional[str]:

@@ -288,6 +288,20 @@ def check_output(out: Path, configs: dict[str, dict]) -> None:
         check_export_dir(config)
 
 
+def check_data(config: dict) -> None:
+    """Before any method runs: the device exists and the stream every method reads builds, with readable images
+    (one line, exit 2). Otherwise each method would fail the same way and the table be written as all n/a."""
+    from . import build as B
+    from .parallel import one_line, user_errors
+
+    try:
+        B.check_environment(config)
+        _, info = B.build_stream(config, None)
+        B.check_stream(config, info)
+    except user_errors() as err:
+        fail(one_line(err))
+
+
 def _compare(argv: Sequence[str]) -> int:
     try:
         args, configs = method_configs(argv)
@@ -300,6 +314,7 @@ def _compare(argv: Sequence[str]) -> int:
         check_output(out, configs)
     except C.ConfigError as err:
         fail(str(err))
+    check_data(first)
     from .output import OutputLock, make_folders, missing_folders, release_output
 
     missing = missing_folders(out)  # --out and its parents that this comparison makes

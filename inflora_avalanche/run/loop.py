@@ -25,7 +25,7 @@ from ..backbone import WeightsUnavailableError
 from ..results import aggregate, format_summary, joint_result, seed_result
 from ..streams import StreamInfo
 from . import build as B
-from .config import validate_config
+from .config import check_one_class_experiences, validate_config
 from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCounter, experience_accuracies,
                       metric_value, peak_memory_mb, reset_peak_memory)
 from .output import (OutputLock, check_export_dir, export_experience, make_folders, missing_folders,
@@ -275,6 +275,7 @@ def run_experiment(
             log(lock.stale_note)
         bench, info = on_all(lambda: B.build_stream(config, out_dir if main_process else None))
         on_main(lambda: B.check_stream(config, info))
+        check_one_class_experiences(config, info.num_classes)  # the method's rule, once the class count is known
         return _run_seeds({**config, "out": str(out_dir)}, bench, info, out_dir, has_checkpoint, extra_plugins,
                           on_experience_end, log, preset_source or config.get("preset"))
     except BaseException as err:
