@@ -569,7 +569,9 @@ class LowRankViT(nn.Module):
         if list(saved_layers) != self.adapted_layers:
             raise ValueError(f"checkpoint adapts the layers {_summary(saved_layers)} but this model adapts "
                              f"{_summary(self.adapted_layers)} (other target_modules?)")
-        self.rank = int(state["rank"])
+        if int(state["rank"]) != self.rank:
+            raise ValueError(f"checkpoint was trained with rank {state['rank']} but this model has rank {self.rank}; "
+                             f"build the model with rank={state['rank']}")
         self.num_classes = state["num_classes"]
         weight = next(self.backbone.parameters())
         self.heads = nn.ModuleList(

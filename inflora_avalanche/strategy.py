@@ -123,14 +123,14 @@ class LowRankStrategy(SupervisedTemplate):
         lr: float = 5e-4,
         optimizer: str = "adam",
         betas: Optional[Sequence[float]] = None,
-        momentum: float = 0.9,
+        momentum: Optional[float] = None,
         weight_decay: float = 0.0,
         head_lr: Optional[float] = None,
         lr_schedule: str = "cosine",
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
         warmup_epochs: int = 0,
-        warmup_factor: float = 0.1,
+        warmup_factor: Optional[float] = None,
         optimizer_factory: Optional[training.OptimizerFactory] = None,
         scheduler_factory: Optional[training.SchedulerFactory] = None,
         precision: str = "auto",
@@ -165,6 +165,10 @@ class LowRankStrategy(SupervisedTemplate):
         if scheduler_factory is not None and warmup_epochs:
             raise ValueError("warmup_epochs applies to the built-in lr_schedule; with scheduler_factory put the warmup "
                              "in your scheduler (e.g. timm's CosineLRScheduler(warmup_t=...))")
+        if warmup_factor is not None and not warmup_epochs:
+            raise ValueError(f"warmup_factor={warmup_factor} does nothing without warmup_epochs: drop it or set "
+                             "warmup_epochs")
+        warmup_factor = training.DEFAULT_WARMUP_FACTOR if warmup_factor is None else warmup_factor
         training.check_warmup(warmup_epochs, warmup_factor, train_epochs)
         self.scheduler_factory = scheduler_factory or training.epoch_scheduler(lr_schedule, milestones, gamma,
                                                                                warmup_epochs, warmup_factor)
@@ -543,7 +547,7 @@ class SDLoRAStrategy(LowRankStrategy):
         Other arguments: those of :class:`LowRankStrategy` and of Avalanche's ``SupervisedTemplate``.
     """
 
-    def __init__(self, *, model: nn.Module, lr: float = 8e-3, optimizer: str = "sgd", momentum: float = 0.9,
+    def __init__(self, *, model: nn.Module, lr: float = 8e-3, optimizer: str = "sgd", momentum: Optional[float] = None,
                  lr_schedule: str = "step", milestones: Sequence[int] = (), gamma: float = 0.1,
                  fold_for_eval: bool = True, **kwargs: Any) -> None:
         from .sdlora import SDLoRAViT

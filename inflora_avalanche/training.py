@@ -17,10 +17,12 @@ from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 
-from .optimizer_names import OPTIMIZERS, OWN_OPTIMIZERS, check_optimizer_name, number_of_betas  # noqa: F401
+from .optimizer_names import (OPTIMIZER_ARGS, OPTIMIZERS, OWN_OPTIMIZERS, check_optimizer_name,  # noqa: F401
+                              number_of_betas, takes_momentum)
 
 LR_SCHEDULES = ("cosine", "annealing", "step", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+DEFAULT_WARMUP_FACTOR = 0.1  # the lr multiplier of the first warmup epoch
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 
@@ -89,7 +91,7 @@ def check_warmup(warmup_epochs: int, warmup_factor: float, epochs: Optional[int]
 
 
 def epoch_scheduler(schedule: str = "cosine", milestones: Sequence[int] = (), gamma: float = 0.1,
-                    warmup_epochs: int = 0, warmup_factor: float = 0.1) -> SchedulerFactory:
+                    warmup_epochs: int = 0, warmup_factor: float = DEFAULT_WARMUP_FACTOR) -> SchedulerFactory:
     """A scheduler factory: ``factory(optimizer, epochs)`` gives a ``LambdaLR`` to step once after every epoch, with
     ``warmup_epochs`` epochs of linear warmup from ``warmup_factor`` x lr (:func:`with_warmup`; 0: none)."""
     if schedule not in LR_SCHEDULES:
@@ -122,13 +124,16 @@ def scheduler_kind(scheduler: Any) -> str:
                      "lr_schedule='constant'")
 
 
-def optimizer_factory(name: str = "adam", betas: Optional[Sequence[float]] = None, momentum: float = 0.9,
+def optimizer_factory(name: str = "adam", betas: Optional[Sequence[float]] = None, momentum: Optional[float] = None,
                       weight_decay: float = 0.0, fused: Optional[bool] = None) -> OptimizerFactory:
     """An optimiser factory: ``factory(param_groups)`` gives the reference's Adam (``betas``, default
-    ``(0.9, 0.999)``), torch's SGD (``momentum``), or any other of :data:`OPTIMIZERS` through timm's
-    ``create_optimizer_v2`` (``betas`` if it takes them, default its own; ``momentum`` if it takes one). Each group
-    keeps its ``lr``."""
+    ``(0.9, 0.999)``), torch's SGD (``momentum``, default 0.9), or any other of :data:`OPTIMIZERS` through timm's
+    ``create_optimizer_v2`` (``betas`` and ``momentum`` if it takes them, default its own). Each group keeps its
+    ``lr``. A setting the optimiser does not take is refused, not ignored."""
     check_optimizer_name(name)
+    if momentum is not None and not takes_momentum(name):
+        raise ValueError(f"optimizer {name} takes no momentum, got momentum={momentum}; drop it ("
+                         f"{', '.join([n for n in OPTIMIZER_ARGS if takes_momentum(n)][:6])}, ... take one)")
     wanted = number_of_betas(name)
     if betas is not None and not wanted:
         raise ValueError(f"optimizer {name} takes no betas, got betas={tuple(betas)}; those that do: "
@@ -148,11 +153,14 @@ def optimizer_factory(name: str = "adam", betas: Optional[Sequence[float]] = Non
             return torch.optim.Adam(groups, betas=tuple(betas or (0.9, 0.999)), weight_decay=weight_decay,
                                     fused=fused)
         if name == "sgd":
-            return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay, fused=fused)
+            return torch.optim.SGD(groups, momentum=0.9 if momentum is None else momentum, weight_decay=weight_decay,
+                                   fused=fused)
         from timm.optim import create_optimizer_v2
 
         extra = {} if betas is None else {"betas": tuple(betas)}
-        return create_optimizer_v2(groups, opt=name, weight_decay=weight_decay, momentum=momentum, **extra)
+        if momentum is not None:
+            extra["momentum"] = momentum
+        return create_optimizer_v2(groups, opt=name, weight_decay=weight_decay, **extra)
 
     return make
 

@@ -320,3 +320,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x)[:, :2].logsumexp(1).sum().backward()
         grads.append([p.grad.clone() for p in model.trainable_parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_loading_a_state_of_another_rank_is_refused():
+    trained = InfLoRAViT(tiny_vit(), rank=2)
+    trained.start_task([0, 1])
+    trained.finish_task()
+    other = InfLoRAViT(tiny_vit(), rank=3)
+    with pytest.raises(ValueError, match="trained with rank 2 but this model has rank 3; build the model with rank=2"):
+        other.load_trained_state_dict(trained.trained_state_dict())
+    assert other.rank == 3 and other.num_tasks == 0

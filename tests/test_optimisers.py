@@ -152,6 +152,8 @@ def test_strategy_warmup_through_training_and_the_reference_default_unchanged():
     ({"optimizer": "adamx"}, "did you mean 'adamax'"),
     ({"optimizer": "sgd", "betas": (0.9, 0.99)}, "optimizer sgd takes no betas"),
     ({"optimizer": "adan", "betas": (0.9, 0.99)}, "optimizer adan takes 3 betas, got 2"),
+    ({"optimizer": "adamw", "momentum": 0.5}, "optimizer adamw takes no momentum, got momentum=0.5; drop it"),
+    ({"warmup_factor": 0.5}, "warmup_factor=0.5 does nothing without warmup_epochs"),
 ])
 def test_bad_optimiser_and_warmup_settings_are_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:

@@ -115,21 +115,22 @@ def low_rank_strategy_kwargs(config: dict, evaluator: Any, plugins: list, device
     """The arguments of ``config`` that every :class:`~inflora_avalanche.strategy.LowRankStrategy` takes: learning
     rates, optimiser and schedule, precision, batch sizes, epochs, device, plugins, evaluator, batched augmentation.
     ``betas`` go to an optimiser that takes them (a preset's Adam betas do not reach ``--optimizer sgd``)."""
-    from ..optimizer_names import number_of_betas
+    from ..optimizer_names import number_of_betas, takes_momentum
 
+    # Only what the chosen optimiser and schedule read: the strategy refuses the rest, as the command line does.
     betas = config["betas"] if number_of_betas(config["optimizer"]) else None
     return dict(
         lr=scaled_lr(config, "lr"),
         optimizer=config["optimizer"],
         betas=None if betas is None else tuple(betas),
-        momentum=config["momentum"],
+        momentum=config["momentum"] if takes_momentum(config["optimizer"]) else None,
         weight_decay=config["weight_decay"],
         head_lr=scaled_lr(config, "head_lr"),
         lr_schedule=config["lr_schedule"],
         milestones=config["milestones"],
         gamma=config["gamma"],
         warmup_epochs=config["warmup_epochs"],
-        warmup_factor=config["warmup_factor"],
+        warmup_factor=config["warmup_factor"] if config["warmup_epochs"] else None,
         precision=config["precision"],
         train_mb_size=config["batch_size"],
         train_epochs=config["epochs"],
