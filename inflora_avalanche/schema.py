@@ -107,6 +107,43 @@ def check_value(field: Field, value: Any, where: str) -> None:
             raise ConfigError(f"{field.name} ({where}) must be >= {field.minimum:g}, got {value!r}")
 
 
+class FileSettings(dict):
+    """The settings of a ``--config`` file; ``name``: the file's name, as its messages say it."""
+
+    def __init__(self, values: Any = (), name: str = "") -> None:
+        super().__init__(values)
+        self.name = name
+
+
+class Given(set):
+    """The settings the user gave (a set of keys), and ``files``: those that came from a config file rather than the
+    command line, each with the file's name. A refusal names such a setting by its key and file (:func:`given_as`),
+    not by a flag the user never typed."""
+
+    def __init__(self, keys: Any = (), files: Optional[dict] = None) -> None:
+        super().__init__(keys)
+        self.files = dict(files or {})
+
+
+def given_as(key: str, given: Any = None) -> str:
+    """``key`` as the user gave it: ``rank (config file run.yaml)`` from a config file, else its flag ``--rank``."""
+    file = getattr(given, "files", {}).get(key)
+    return f"{key} (config file {file})" if file else "--" + key.replace("_", "-")
+
+
+def mentioned(key: str, given: Any = None) -> str:
+    """Another setting named in a refusal of ``given``'s: its key when it came from the config file, else its flag."""
+    return key if key in getattr(given, "files", {}) else "--" + key.replace("_", "-")
+
+
+def drop(keys: Any, given: Any = None) -> str:
+    """``drop it`` / ``drop them`` (``... from the file`` when they all came from the config file)."""
+    keys = list(keys)
+    files = getattr(given, "files", {})
+    where = " from the file" if keys and all(k in files for k in keys) else ""
+    return f"drop {'it' if len(keys) == 1 else 'them'}{where}"
+
+
 def names(items: Any, last: str = "and") -> str:
     """``a, b and c`` (for messages)."""
     items = [str(x) for x in items]

@@ -107,3 +107,51 @@ def test_compare_takes_a_config_file_for_every_method(tmp_path):
     assert configs["naive"]["lr"] == 0.1 and configs["naive"]["out"] == str(tmp_path / "o" / "naive")
     with pytest.raises(C.ConfigError, match="compare runs the methods of --methods: drop method"):
         compare.method_configs(["-c", _write(tmp_path / "m.yaml", "method: naive\n"), "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("text, flags, from_file, from_flags", [
+    ("method: ewc\nrank: 3\n", ["--method", "ewc", "--rank", "3"],
+     "rank (config file x.yaml) only applies to inflora, inflora_b5, inflora_ca, seq_lora, sd_lora, not ewc: drop it "
+     "from the file",
+     "--rank only applies to inflora, inflora_b5, inflora_ca, seq_lora, sd_lora, not ewc: drop it"),
+    ("method: seq_lora\nlamb: 0.9\nlame: 0.95\n", ["--method", "seq_lora", "--lamb", "0.9", "--lame", "0.95"],
+     "lamb (config file x.yaml), lame (config file x.yaml) only apply to inflora, inflora_b5, inflora_ca, not "
+     "seq_lora: drop them from the file",
+     "--lamb, --lame only apply to inflora, inflora_b5, inflora_ca, not seq_lora: drop them"),
+    ("normalize: true\n", ["--normalize"],
+     "normalize (config file x.yaml) does nothing for the digits stream (only split_cifar100, imagenet_r, domainnet "
+     "and folder read it): drop it from the file",
+     "--normalize does nothing for the digits stream (only split_cifar100, imagenet_r, domainnet and folder read "
+     "it): drop it"),
+    ("mean: [0.5, 0.5, 0.5]\n", ["--mean", "0.5", "0.5", "0.5"],
+     "mean (config file x.yaml) only applies with --normalize (pixels are fed as they are without it): add "
+     "--normalize or drop it from the file",
+     "--mean only applies with --normalize (pixels are fed as they are without it): add --normalize or drop --mean"),
+    ("optimizer: sgd\nbetas: [0.9, 0.99]\n", ["--optimizer", "sgd", "--betas", "0.9", "0.99"],
+     "betas (config file x.yaml) apply to optimizer adam, not sgd: drop one of them (of timm's optimisers, adamw, "
+     "lamb, lion, nadam, ... take them too)",
+     "--betas apply to --optimizer adam, not sgd: drop one of them (of timm's optimisers, adamw, lamb, lion, nadam, "
+     "... take them too)"),
+], ids=["another method's setting", "two of them", "a stream setting", "mean without normalize", "betas with sgd"])
+def test_a_refused_setting_is_named_as_it_was_given_in_the_file_or_as_a_flag(tmp_path, capsys, monkeypatch, text,
+                                                                            flags, from_file, from_flags):
+    """A setting refused because the run would not read it is named as the user gave it: by its key and the config
+    file when it came from the file (not by a flag never typed), by its flag when typed; one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "x.yaml", text)
+    for argv, line in ((["-c", "x.yaml"], from_file), (flags, from_flags)):
+        code = cli.main(["run", "--demo", *argv, "--out", str(tmp_path / "out")])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.err == f"error: {line}\n" and not captured.out, (argv, captured.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]
+    # a flag given as well as the file's key is named as the flag
+    code = cli.main(["run", "--demo", "-c", "x.yaml", *flags, "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err == f"error: {from_flags}\n"
+
+
+def test_demo_with_a_file_giving_a_data_folder_names_the_key_and_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "d.yaml", f"data_root: {tmp_path}\n")
+    assert cli.main(["run", "--demo", "-c", "d.yaml", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("error: --demo runs its own offline preset (demo_digits); drop data_root from "
+                                       "d.yaml\n")

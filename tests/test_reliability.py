@@ -223,6 +223,74 @@ def test_resume_refuses_different_data(interrupted_run):
                         interrupted_run) == {"lr": (0.01, 0.001)}
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A demo run (1 epoch, 2 experiences, seed 0) that finished: checkpoint and results.json."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    config = P.layered_config(P.DEMO_PRESET, None, {"out": str(out), "epochs": 1, "n_experiences": 2,
+                                                     "progress": False})
+    threads = torch.get_num_threads()
+    try:
+        loop.run_experiment(config, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _contents(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_resume_of_a_finished_run_is_refused_and_rewrites_nothing(finished_run, tmp_path, capsys):
+    """``--resume`` (and ``--resume-with-changes``, and ``-c <out>/config.yaml --resume``) on a run whose every seed
+    and experience is done: one line saying where its results are; no file is rewritten or added (results.json
+    kept its runtime and had no ``resume: true``; no config_resumed.*)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before, times = _contents(run), _tree(run)
+    assert (run / CHECKPOINT_NAME).is_file() and (run / "results.json").is_file()
+    demo = ["--demo", "--no-progress", "--set", "epochs=1", "--n-experiences", "2", "--out", str(run)]
+    finished = (f"the run in {run} is finished (seeds [0], 2 of 2 experiences): its results are in "
+                f"{run / 'results.json'}; nothing to resume")
+    for argv in ([*demo, "--resume"], [*demo, "--resume-with-changes", "--lr", "0.001"],
+                 ["-c", str(run / "config.yaml"), "--out", str(run), "--resume"]):  # its out: the fixture's
+        code, err = _main(capsys, *argv)
+        _one_line_error(code, err, finished)
+        assert _contents(run) == before and _tree(run) == times, argv
+    # from Python too
+    config = P.layered_config(P.DEMO_PRESET, None, {"out": str(run), "epochs": 1, "n_experiences": 2,
+                                                     "progress": False, "resume": True})
+    with pytest.raises(C.ConfigError, match="is finished"):
+        loop.run_experiment(config, log=lambda *_: None)
+    assert _contents(run) == before and _tree(run) == times
+    # a run stopped after its last checkpoint but before results.json was written is not finished: resume writes it
+    (run / "results.json").unlink()
+    code, err = _main(capsys, *demo, "--resume")
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["seeds"] == json.loads(before["results.json"])["seeds"]
+
+
+def test_compare_resume_keeps_a_finished_method_and_refuses_a_finished_comparison(finished_run, tmp_path, capsys):
+    """``compare --resume``: a method whose run is finished is not run again (its files unchanged); when every
+    method is finished and the table is written, the comparison is refused as finished, nothing rewritten."""
+    out = tmp_path / "cmp"
+    shutil.copytree(finished_run, out / "inflora")
+    before = _contents(out / "inflora")
+    argv = ["compare", "--preset", P.DEMO_PRESET, "--methods", "inflora", "--epochs", "1", "--n-experiences", "2",
+            "--no-progress", "--out", str(out), "--resume", "--no-isolate"]
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "finished before: its results are kept as they are" in captured.out
+    assert _contents(out / "inflora") == before
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("inflora", "ok")]
+    table = _contents(out)
+    code = cli.main(argv)
+    _one_line_error(code, capsys.readouterr().err.strip(), f"the comparison in {out} is finished", "nothing to resume")
+    assert _contents(out) == table
+
+
 def _tree(folder: Path) -> list:
     return sorted((str(p.relative_to(folder)), p.lstat().st_mtime_ns, p.lstat().st_size) for p in folder.rglob("*"))
 
@@ -260,6 +328,9 @@ def test_resume_with_changes_records_the_settings_of_every_experience(interrupte
     # the checkpoint keeps the record, so a later resume neither loses it nor accepts the old settings silently
     assert load_checkpoint(run / CHECKPOINT_NAME)["settings_changes"] == results["settings_changes"]
     code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--out", str(run), "--resume")
+    _one_line_error(code, err, f"the run in {run} is finished")  # nothing left to resume
+    (run / "results.json").unlink()  # as if stopped before writing it: then a resume has something to do
+    code, err = _main(capsys, "--demo", "--no-progress", "--set", "epochs=1", "--out", str(run), "--resume")
     _one_line_error(code, err, "--lr 0.005 there, 0.01 now", f"--config {run / 'config_resumed.yaml'} --resume")
 
 
@@ -282,7 +353,7 @@ def test_settings_by_experience_follows_several_resumes():
     assert loop.settings_by_experience(changes, config, 2, 2) == {"epochs": [4, 4], "lr": [0.001, 0.001]}
 
 
-def test_file_and_folder_checks_answer_before_torch_is_imported(interrupted_run, tmp_path):
+def test_file_and_folder_checks_answer_before_torch_is_imported(interrupted_run, finished_run, tmp_path):
     """The output folder (holding results, a file), a missing data folder or weights file and a checkpoint trained
     with other settings are refused before torch is imported (that takes seconds): each in a fresh process that
     reports whether torch was loaded when the error came."""
@@ -305,6 +376,8 @@ def test_file_and_folder_checks_answer_before_torch_is_imported(interrupted_run,
                                      "trained with other settings"),
         "--export holds exports": (demo + ["--export", str(held), "--out", str(tmp_path / "new")],
                                    "already holds exported models"),
+        "--resume of a finished run": (demo + ["--set", "epochs=1", "--n-experiences", "2", "--out",
+                                               str(finished_run), "--resume"], "is finished"),
     }
     probe = ("import json, sys\nfrom inflora_avalanche.run.cli import main\nfound = []\n"
              "for argv in json.loads(sys.argv[1]):\n    found.append([main(argv), 'torch' in sys.modules])\n"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..optimizer_names import OPTIMIZERS, check_optimizer_name, number_of_betas, takes_momentum
-from ..schema import ConfigError, Field, names
+from ..schema import ConfigError, Field, given_as, mentioned, names
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,17 @@ def check_optimiser_flags(config: dict, explicit: set) -> None:
     """Optimiser flags the user gave that the chosen optimiser or schedule would not read are refused, not ignored."""
     optimizer = config["optimizer"]
     if "momentum" in explicit and optimizer in OPTIMIZERS and not takes_momentum(optimizer):
-        raise ConfigError(f"--momentum applies to --optimizer sgd, not {optimizer}: drop one of them (of timm's "
+        raise ConfigError(f"{given_as('momentum', explicit)} applies to {mentioned('optimizer', explicit)} sgd, "
+                          f"not {optimizer}: drop one of them (of timm's "
                           "optimisers, nesterov, momentum, lars, rmsprop, ... take one too)")
     if "betas" in explicit and optimizer in OPTIMIZERS and not number_of_betas(optimizer):
-        raise ConfigError(f"--betas apply to --optimizer adam, not {optimizer}: drop one of them (of timm's "
+        raise ConfigError(f"{given_as('betas', explicit)} apply to {mentioned('optimizer', explicit)} adam, not "
+                          f"{optimizer}: drop one of them (of timm's "
                           "optimisers, adamw, lamb, lion, nadam, ... take them too)")
     if "warmup_factor" in explicit and not config["warmup_epochs"]:
-        raise ConfigError("--warmup-factor applies to a warmup: add --warmup-epochs N or drop --warmup-factor")
+        factor = given_as("warmup_factor", explicit)
+        raise ConfigError(f"{factor} applies to a warmup: add --warmup-epochs N or drop "
+                          f"{'warmup_factor from the file' if factor != '--warmup-factor' else factor}")
 
 
 OPTIMISER = Settings("optimiser and schedule", (

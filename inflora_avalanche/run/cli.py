@@ -77,10 +77,13 @@ def parse_run(argv: Sequence[str], benchmark: Optional[str] = None, prog: str = 
     overrides = overrides_from(args)
     given = P.given_keys(preset, first.method, overrides, file_values)
     if demo:
+        def from_where(key: str) -> str:
+            return f"{key} from {given.files[key]}" if key in given.files else C.FIELD_BY_NAME[key].flag
+
         conflicts = [flag for flag, named in (("--preset", first.preset),
                                               (f"preset from {first.config}", file_preset not in (None, P.DEMO_PRESET)),
-                                              ("--data-root", "data_root" in given),
-                                              ("--benchmark", "benchmark" in given)) if named]
+                                              (from_where("data_root"), "data_root" in given),
+                                              (from_where("benchmark"), "benchmark" in given)) if named]
         if conflicts:
             raise C.ConfigError(f"--demo runs its own offline preset ({P.DEMO_PRESET}); drop {', '.join(conflicts)}")
     config = P.layered_config(preset, first.method, overrides, file_values)

@@ -305,12 +305,19 @@ def check_data(config: dict) -> None:
 def _compare(argv: Sequence[str]) -> int:
     try:
         args, configs = method_configs(argv)
-        for config in configs.values():
+        finished = set()
+        for method, config in configs.items():
             check_launch(config)
-            # before any method runs: a --resume that one of them would refuse must not rewrite the table
-            check_resume_checkpoint(config, Path(config["out"]).expanduser(), suggest_config=False)
+            # before any method runs: a --resume that one of them would refuse must not rewrite the table; a
+            # finished method keeps its results as they are (not run again)
+            if check_resume_checkpoint(config, Path(config["out"]).expanduser(), suggest_config=False,
+                                       finished_ok=True):
+                finished.add(method)
         first = next(iter(configs.values()))
         out = Path(first["out"]).parent
+        if finished == set(configs) and (out / "comparison.json").is_file():
+            raise C.ConfigError(f"the comparison in {out} is finished (every method of --methods has its results): "
+                                f"its table is {out / 'comparison.md'}; nothing to resume")
         check_output(out, configs)
     except C.ConfigError as err:
         fail(str(err))
@@ -333,7 +340,11 @@ def _compare(argv: Sequence[str]) -> int:
             label = P.method_label(method)
             print(f"== {label} ({method}) -> {config['out']}", flush=True)
             current = method
-            code, reason = _run_isolated(config, out) if args.isolate else _run_here(config)
+            if method in finished:
+                print("   finished before: its results are kept as they are", flush=True)
+                code, reason = 0, ""
+            else:
+                code, reason = _run_isolated(config, out) if args.isolate else _run_here(config)
             current = None
             results_path = Path(config["out"]) / "results.json"
             results = json.loads(results_path.read_text()) if code == 0 and results_path.is_file() else None

@@ -16,7 +16,8 @@ from typing import Any, Optional
 from .. import streams as S
 from ..methods import DIAGNOSTICS, EXPORT, REGISTRY, SCHEDULES, methods_with, setting_groups, setting_owners
 from ..methods.settings import check_optimiser_flags, check_plain_training  # noqa: F401  (re-exported)
-from ..schema import KIND_CHECKS, ConfigError, Field, check_value, names  # noqa: F401  (re-exported)
+from ..schema import (KIND_CHECKS, ConfigError, Field, FileSettings, Given, check_value, drop,  # noqa: F401
+                      given_as, mentioned, names)  # (re-exported)
 
 _F = Field
 COMMON_FIELDS: tuple[Field, ...] = (
@@ -269,17 +270,22 @@ def check_conflicts(config: dict, explicit: set) -> None:
     for key, others, why in CONFLICTS:
         clash = sorted(k for k in others if k in explicit)
         if config.get(key) and key in explicit and clash:
-            flags = ", ".join(FIELD_BY_NAME[k].flag for k in clash)
-            raise ConfigError(f"{FIELD_BY_NAME[key].flag} and {flags} were both given, but {why}: drop {flags}")
-    if "milestones" in explicit and config["lr_schedule"] != "step":
-        raise ConfigError(f"--milestones apply to --lr-schedule step, not {config['lr_schedule']}: drop one of them")
-    if "gamma" in explicit and config["lr_schedule"] != "step":
-        raise ConfigError(f"--gamma applies to --lr-schedule step, not {config['lr_schedule']}: drop one of them")
-    statistics = [f"--{k}" for k in ("mean", "std") if k in explicit]
+            flags = ", ".join(given_as(k, explicit) for k in clash)
+            where = " from the file" if all(k in getattr(explicit, "files", {}) for k in clash) else ""
+            raise ConfigError(f"{given_as(key, explicit)} and {flags} were both given, but {why}: drop "
+                              f"{', '.join(k if where else given_as(k, explicit) for k in clash)}{where}")
+    for key, verb in (("milestones", "apply"), ("gamma", "applies")):
+        if key in explicit and config["lr_schedule"] != "step":
+            raise ConfigError(f"{given_as(key, explicit)} {verb} to {mentioned('lr_schedule', explicit)} step, not "
+                              f"{config['lr_schedule']}: drop one of them")
+    statistics = [k for k in ("mean", "std") if k in explicit]
     if statistics and not config["normalize"]:
-        flags, verb = " and ".join(statistics), "applies" if len(statistics) == 1 else "apply"
+        flags = " and ".join(given_as(k, explicit) for k in statistics)
+        verb = "applies" if len(statistics) == 1 else "apply"
+        files = getattr(explicit, "files", {})
+        how = drop(statistics, explicit) if all(k in files for k in statistics) else f"drop {flags}"
         raise ConfigError(f"{flags} only {verb} with --normalize (pixels are fed as they are without it): add "
-                          f"--normalize or drop {flags}")
+                          f"--normalize or {how}")
     check_stream_settings(config, explicit)
     check_optimiser_flags(config, explicit)
 
@@ -308,17 +314,19 @@ def check_stream_settings(config: dict, explicit: set) -> None:
     if len(unread) == 1:
         key = unread[0]
         readers = _readers(key)
-        raise ConfigError(f"{FIELD_BY_NAME[key].flag} does nothing for the {stream.name} stream (only "
-                          f"{names(readers)} read{'s' if len(readers) == 1 else ''} it): drop it")
+        raise ConfigError(f"{given_as(key, explicit)} does nothing for the {stream.name} stream (only "
+                          f"{names(readers)} read{'s' if len(readers) == 1 else ''} it): {drop([key], explicit)}")
     if unread:
-        each = "; ".join(f"{FIELD_BY_NAME[k].flag} (read by {names(_readers(k))})" for k in unread)
-        raise ConfigError(f"these settings do nothing for the {stream.name} stream: {each}: drop them")
+        each = "; ".join(f"{given_as(k, explicit)} (read by {names(_readers(k))})" for k in unread)
+        raise ConfigError(f"these settings do nothing for the {stream.name} stream: {each}: {drop(unread, explicit)}")
     given = [k for k in ("split_seed", "test_fraction") if k in explicit]
     root = Path(config["data_root"]).expanduser() if config["data_root"] else None
     if given and root is not None and (root / "train").is_dir() and any((root / t).is_dir() for t in TEST_FOLDERS):
-        flags = " and ".join(FIELD_BY_NAME[k].flag for k in given)
+        flags = " and ".join(given_as(k, explicit) for k in given)
+        what = " and ".join(k for k in given) if all(k in getattr(explicit, "files", {}) for k in given) else flags
         raise ConfigError(f"{flags} do{'es' if len(given) == 1 else ''} nothing here: {root} has train/ and val/ "
-                          f"folders, used as they are (no seeded split): drop {flags}")
+                          f"folders, used as they are (no seeded split): drop {what}"
+                          f"{' from the file' if what != flags else ''}")
 
 
 def check_method_settings(config: dict, explicit: set) -> None:
@@ -334,20 +342,23 @@ def check_method_settings(config: dict, explicit: set) -> None:
     for key in sorted(explicit & set(FIELD_BY_NAME)):
         owners = setting_owners(key)
         if owners is not None and config["method"] not in owners:
-            foreign.setdefault(", ".join(owners), []).append(FIELD_BY_NAME[key].flag)
+            foreign.setdefault(", ".join(owners), []).append(key)
     if "diagnostics" in explicit and config["diagnostics"] and not method.has(DIAGNOSTICS):
-        foreign.setdefault(", ".join(methods_with(DIAGNOSTICS)), []).append("--diagnostics")
-    unread = [FIELD_BY_NAME[k].flag for group in method.settings for k in group.unread if k in explicit]
+        foreign.setdefault(", ".join(methods_with(DIAGNOSTICS)), []).append("diagnostics")
+    unread = [k for group in method.settings for k in group.unread if k in explicit]
     if unread:
-        raise ConfigError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by {method.name}: drop "
-                          f"{'it' if len(unread) == 1 else 'them'}")
+        raise ConfigError(f"{', '.join(given_as(k, explicit) for k in unread)} {'is' if len(unread) == 1 else 'are'} "
+                          f"not read by {method.name}: {drop(unread, explicit)}")
     if len(foreign) == 1:
-        (owners, flags), = foreign.items()
-        raise ConfigError(f"{', '.join(flags)} only appl{'ies' if len(flags) == 1 else 'y'} to {owners}, not "
-                          f"{config['method']}: drop {'it' if len(flags) == 1 else 'them'}")
+        (owners, keys), = foreign.items()
+        raise ConfigError(f"{', '.join(given_as(k, explicit) for k in keys)} only appl"
+                          f"{'ies' if len(keys) == 1 else 'y'} to {owners}, not {config['method']}: "
+                          f"{drop(keys, explicit)}")
     if foreign:
-        each = "; ".join(f"{', '.join(flags)} only to {owners}" for owners, flags in foreign.items())
-        raise ConfigError(f"these settings do not apply to {config['method']} ({each}): drop them")
+        each = "; ".join(f"{', '.join(given_as(k, explicit) for k in keys)} only to {owners}"
+                         for owners, keys in foreign.items())
+        raise ConfigError(f"these settings do not apply to {config['method']} ({each}): "
+                          f"{drop([k for keys in foreign.values() for k in keys], explicit)}")
 
 
 def check_capability(method: str, capability: str, what: str, fix: str) -> None:

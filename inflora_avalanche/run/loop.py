@@ -31,6 +31,7 @@ from .metrics import (FiniteLossGuard, NonFiniteLossError, UpdatedParameterCount
 from .output import (OutputLock, check_export_dir, export_experience, make_folders, missing_folders,
                      prepare_output_dir, release_output, write_json, write_results)
 from .parallel import on_all, on_main, user_errors
+from .preflight import check_resume_checkpoint
 from ..strategy_state import load_strategy_state, strategy_state
 from .settings_file import config_file_text
 from .resume import CHECKPOINT_NAME, STREAM_KEYS, backbone_fingerprint, check_resume, with_schema_defaults
@@ -229,6 +230,7 @@ def _prepare(config: dict) -> tuple[str, bool]:
             raise WeightsUnavailableError(problem)
     B.check_model(config)
     check_export_dir(config)
+    check_resume_checkpoint(config, out)  # also from Python: a finished run is refused, not rewritten
     return str(out), (out / CHECKPOINT_NAME).is_file()
 
 

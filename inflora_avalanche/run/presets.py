@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..methods import setting_owners
-from .config import DEFAULTS, METHOD_KEYS, ConfigError, check_conflicts, check_values, validate_config
+from .config import (DEFAULTS, METHOD_KEYS, ConfigError, FileSettings, Given, check_conflicts, check_values,
+                     validate_config)
 from .settings_file import SUFFIXES, read_settings_file
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -79,7 +80,7 @@ def load_config_file(path: str) -> dict:
     if "preset" in values:
         check_label(values["preset"], where)
     check_values({k: v for k, v in values.items() if k != "preset"}, where)
-    return values
+    return FileSettings(values, Path(path).name)
 
 
 def load_method_preset(method: str) -> dict:
@@ -136,14 +137,19 @@ def merge_layers(preset: str, method: Optional[str] = None, overrides: Optional[
 
 
 def given_keys(preset: str, method: Optional[str] = None, overrides: Optional[dict] = None,
-               file_values: Optional[dict] = None) -> set:
+               file_values: Optional[dict] = None) -> Given:
     """The settings the user gave: every flag, and each key of a ``--config`` file whose value differs from what the
     preset gives (so a run's written ``config.yaml``, which holds every setting, reads back without claiming them
-    all as given)."""
-    given = set(overrides or {})
+    all as given). Those of the file (and not also flags) are recorded as the file's (``Given.files``, when
+    ``file_values`` knows its file: :class:`FileSettings`), so that a refusal names the key and the file."""
+    given = Given(overrides or {})
     if file_values:
         method = method or (overrides or {}).get("method") or file_values.get("method")
         base = merge_layers(preset, method)
         same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
-        given |= {k for k, v in file_values.items() if k != "preset" and not same(base.get(k), v)}
+        from_file = {k for k, v in file_values.items() if k != "preset" and not same(base.get(k), v)} - given
+        given |= from_file
+        name = getattr(file_values, "name", "")
+        if name:
+            given.files.update({k: name for k in from_file})
     return given

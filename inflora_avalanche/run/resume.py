@@ -60,24 +60,67 @@ def _as_trained(config: dict) -> dict:
     return config
 
 
-def checkpoint_config(path: Path) -> Optional[dict]:
-    """The config stored in the checkpoint at ``path``, read from its safetensors header without torch; ``None``
-    when the file cannot be read that way (loading it later says why)."""
+def checkpoint_header_state(path: Path) -> Optional[dict]:
+    """The JSON state stored in the checkpoint at ``path`` (its config, position, results; not the tensors), read from
+    its safetensors header without torch; ``None`` when the file cannot be read that way (loading it later says
+    why)."""
     try:
         with open(path, "rb") as handle:
             (size,) = struct.unpack("<Q", handle.read(8))
             if size > 100_000_000:
                 return None
             header = json.loads(handle.read(size))
-        config = json.loads(header["__metadata__"]["state"])["config"]
+        state = json.loads(header["__metadata__"]["state"])
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_config(path: Path) -> Optional[dict]:
+    """The config stored in the checkpoint at ``path``, read from its safetensors header without torch; ``None``
+    when the file cannot be read that way (loading it later says why)."""
+    config = (checkpoint_header_state(path) or {}).get("config")
     return config if isinstance(config, dict) else None
+
+
+def finished_run_note(state: dict, config: dict, out: Path) -> Optional[str]:
+    """Why ``--resume`` has nothing to do in ``out``, or ``None``: the checkpoint (its header ``state``) holds the last
+    experience of the last seed of ``config`` and ``results.json`` holds every seed (a run stopped between its last
+    checkpoint and writing ``results.json`` is not finished: resuming it writes the results)."""
+    from ..methods import JOINT, get_method
+
+    try:
+        steps = 1 if get_method(config["method"]).has(JOINT) else int(config["n_experiences"])
+        seed_index, done = int(state["seed_index"]), int(state["experiences_done"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if seed_index < len(config["seeds"]) - 1 or done < steps:
+        return None
+    results = out / "results.json"
+    try:
+        seeds = json.loads(results.read_text(encoding="utf-8"))["seeds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(seeds, list) or len(seeds) < len(config["seeds"]):
+        return None
+    return (f"the run in {out} is finished (seeds {list(config['seeds'])}, {done} of {steps} experience"
+            f"{'' if steps == 1 else 's'}): its results are in {results}; nothing to resume")
 
 
 def _show(changes: dict) -> str:
     return ", ".join(f"{FIELD_BY_NAME[k].flag if k in FIELD_BY_NAME else k} {a!r} there, {b!r} now"
                      for k, (a, b) in changes.items())
+
+
+def check_same_run(saved: dict, config: dict, path: Path, error: type = ConfigError) -> None:
+    """Refuse a checkpoint of another method, preset, backbone or model (``saved``: its config)."""
+    saved = with_schema_defaults(saved)
+    for key in IDENTITY_ORDER:
+        if not _same(saved.get(key), config.get(key)):
+            raise error(
+                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has "
+                f"{key}={config.get(key)!r}; resume with the same settings, or choose another --out (or --overwrite) "
+                "to start anew")
 
 
 def check_resume_settings(saved: dict, config: dict, path: Path, error: type = ConfigError,
@@ -87,12 +130,7 @@ def check_resume_settings(saved: dict, config: dict, path: Path, error: type = C
     settings that changed (``{key: (checkpoint's, this run's)}``). ``suggest_config=False`` (``compare``, which
     refuses a config file naming a method) leaves the run's written ``config.yaml`` out of the advice."""
     saved, config = _as_trained(with_schema_defaults(saved)), _as_trained(config)
-    for key in IDENTITY_ORDER:
-        if not _same(saved.get(key), config.get(key)):
-            raise error(
-                f"the checkpoint {path} was made with {key}={saved.get(key)!r} but this run has "
-                f"{key}={config.get(key)!r}; resume with the same settings, or choose another --out (or --overwrite) "
-                "to start anew")
+    check_same_run(saved, config, path, error)
     compared = sorted((set(saved) | set(config)) - RESUME_FREE_KEYS - RESUME_IDENTITY_KEYS)
     changed = {k: (saved.get(k), config.get(k)) for k in compared if not _same(saved.get(k), config.get(k))}
     if changed and not config.get("resume_with_changes"):
