@@ -40,8 +40,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from inflora_avalanche.io import atomic_write_json
-from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser
+from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser, script_main
 from inflora_avalanche.run.options import ScriptUsageError as UsageError
 
 PATHS = ("pil", "tensor-index", "tensor", "tensor-batched", "avalanche", "folder")
@@ -279,19 +278,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        args = parse_args(argv)
-        report = run(args)
-    except UsageError as err:
-        print(f"dataloader.py: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:  # missing data, unreadable images
-        print(f"dataloader.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.out is not None:
-        atomic_write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return 0
+    return script_main("dataloader.py", parse_args, run, argv, user_errors=(ValueError, FileNotFoundError))  # missing data, unreadable images
 
 
 if __name__ == "__main__":

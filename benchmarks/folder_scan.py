@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from inflora_avalanche.io import atomic_write_json, unreadable_images
-from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser
+from inflora_avalanche.io import unreadable_images
+from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser, script_main
 from inflora_avalanche.run.options import ScriptUsageError as UsageError
 
 
@@ -125,16 +125,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        args = parse_args(argv)
-        report = run(args)
-    except UsageError as err:
-        print(f"folder_scan.py: error: {err}", file=sys.stderr)
-        return 2
-    if args.out is not None:
-        atomic_write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return 0
+    return script_main("folder_scan.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from inflora_avalanche.io import atomic_write_json
-from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser
+from inflora_avalanche.run.options import ScriptHelpFormatter, ScriptParser, script_main
 from inflora_avalanche.run.options import ScriptUsageError as UsageError
 
 MODES = ("fast", "resum", "paper")
@@ -569,19 +568,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        args = parse_args(argv)
-        report = run(args)
-    except UsageError as err:
-        print(f"throughput.py: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # e.g. an unknown timm model or a rank too large for the width
-        print(f"throughput.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.out is not None:
-        atomic_write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return 0
+    return script_main("throughput.py", parse_args, run, argv, user_errors=(ValueError,))  # an unknown timm model, a rank too large
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import copy
 import json
 import os
 import sys
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from ..methods import EXPORT, RESUME, TORCHRUN, REGISTRY, owners, setting_groups
 from . import config as C
@@ -61,6 +61,24 @@ class ScriptParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ScriptUsageError(message)
+
+
+def script_main(script: str, parse_args: Callable[[Any], Any], run: Callable[[Any], dict], argv: Any = None,
+                user_errors: tuple = ()) -> int:
+    """The ``main`` of a benchmark script: parse, run, write the report as JSON to ``--out`` when given. A usage
+    error, or one of ``user_errors`` (missing data, an unknown model), is one line on stderr and exit status 2."""
+    try:
+        args = parse_args(argv)
+        report = run(args)
+    except (ScriptUsageError, *user_errors) as err:
+        print(f"{script}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        from ..io import atomic_write_json
+
+        atomic_write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
 
 
 class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter):
