@@ -420,12 +420,17 @@ class LowRankStrategy(SupervisedTemplate):
             lowest = logits[~seen].amin(dim=1, keepdim=True)
             parts.append((torch.cat([logits[~seen], lowest], dim=1),
                           torch.full_like(labels[~seen], logits.shape[1])))
-        total = out.new_zeros(())
+        return self._criterion_over_parts(parts, y.numel())
+
+    def _criterion_over_parts(self, parts: list, size: int) -> torch.Tensor:
+        """The criterion over a batch of ``size`` samples scored in parts (``(logits, targets)`` on different
+        columns), combined as its reduction would combine them: a size-weighted mean, or a sum."""
+        total = torch.zeros((), dtype=torch.float32, device=self.mb_output.device)
         for logits, targets in parts:
             if targets.numel():
                 loss = self._criterion(logits, targets)
                 total = total + (loss * targets.numel() if self._reduction == "mean" else loss)
-        return total / max(1, y.numel()) if self._reduction == "mean" else total
+        return total / max(1, size) if self._reduction == "mean" else total
 
     def _replaying(self) -> bool:
         """Whether batches may hold samples of earlier tasks: a plugin (replay, GDumb, ...) swapped in a loader other
@@ -433,24 +438,19 @@ class LowRankStrategy(SupervisedTemplate):
         return self.dataloader is not self._own_loader
 
     def _mixed_task_loss(self) -> torch.Tensor:
-        """The criterion over a batch that mixes tasks: each task's samples scored on their own task's columns,
-        combined as the criterion's reduction would combine them (a size-weighted mean, or a sum)."""
+        """The criterion over a batch that mixes tasks: each task's samples scored on their own task's columns."""
         inner = unwrap_model(self.model)
         y, out = self.mb_y, self.mb_output
-        total = out.new_zeros((), dtype=torch.float32)
+        parts = []
         last = len(inner.task_classes) - 1
         for task, classes in enumerate(inner.task_classes):
             mask = torch.isin(y, torch.tensor(classes, device=out.device))
-            count = int(mask.sum())
-            if not count:
-                continue
             if task == last:
                 columns, targets = self._current_columns, self._current_targets[y[mask]]
             else:
                 columns, targets = torch.tensor(classes, device=out.device), self._local_targets[y[mask]]
-            loss = self._criterion(out[mask][:, columns], targets)
-            total = total + (loss * count if self._reduction == "mean" else loss)
-        return total / max(1, y.numel()) if self._reduction == "mean" else total
+            parts.append((out[mask][:, columns], targets))
+        return self._criterion_over_parts(parts, y.numel())
 
     def _after_training_exp(self, **kwargs: Any) -> None:
         # Close the task: the memory plugins see the trained branch live, then it is merged and the head frozen;
